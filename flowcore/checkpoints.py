@@ -1,0 +1,142 @@
+"""Checkpoint folders: ``model.safetensors`` + ``config.json`` (+ optional ``reference.npz``).
+
+Loading never unpickles: weights are safetensors, metadata is JSON, reference statistics are
+``np.load(..., allow_pickle=False)``. Every failure is a :class:`CheckpointError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import FlowConfig
+from .models import build
+
+__all__ = ["CheckpointError", "save", "load", "resolve", "checkpoints_dir", "list_checkpoints", "read_config"]
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or does not match its config."""
+
+
+def checkpoints_dir() -> Path:
+    """``$FLOWCORE_CHECKPOINTS`` or the repository's ``checkpoints/`` folder."""
+    env = os.environ.get("FLOWCORE_CHECKPOINTS")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def list_checkpoints() -> list[str]:
+    root = checkpoints_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file() and (p / WEIGHTS).is_file())
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A bare name resolves inside ``checkpoints/``; anything else is a path to a folder."""
+    p = Path(name_or_path)
+    if not p.exists() and len(p.parts) == 1:
+        candidate = checkpoints_dir() / p
+        if candidate.exists():
+            return candidate
+        known = ", ".join(list_checkpoints()) or "none"
+        raise CheckpointError(f"no checkpoint named {str(name_or_path)!r} (known: {known})")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {p}")
+    return p
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write pretty JSON."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` (atomically, file by file)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=".model.", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(state, tmp)
+        os.replace(tmp, path / WEIGHTS)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    old = {}
+    if (path / CONFIG).is_file():
+        try:
+            old = json.loads((path / CONFIG).read_text())
+        except (OSError, ValueError):
+            old = {}
+    meta = {k: v for k, v in old.items() if k != "model"}
+    meta.update(metadata)
+    write_json(path / CONFIG, {"model": model.config.to_dict(), **meta})
+    return path
+
+
+def read_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``config.json`` as a dict (architecture under ``"model"``)."""
+    folder = resolve(name_or_path)
+    cfg_path = folder / CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{cfg_path}: no 'model' section")
+    return cfg
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model described by ``config.json`` and load its safetensors weights (eval mode)."""
+    folder = resolve(name_or_path)
+    cfg = read_config(folder)
+    try:
+        model = build(FlowConfig.from_dict(cfg["model"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG}: invalid model config ({e})") from None
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing weights file")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise CheckpointError(f"{weights}: weights do not match config.json ({detail[:300]})") from None
+    model.eval()
+    model.checkpoint_meta = {k: v for k, v in cfg.items() if k != "model"}
+    model.checkpoint_path = str(folder)
+    return model.to(device)

@@ -1,0 +1,336 @@
+"""Training: resumable, deterministic given the seed, NaN-safe, with optional negative training.
+
+A run lives in a run folder (``runs/NAME`` by default)::
+
+    state.pt      model + optimizer + position (atomic saves; loaded with weights_only=True)
+    log.jsonl     one JSON object per logged event
+    best/         nothing: the final model is exported to ``checkpoints/NAME/`` when the run ends
+
+Determinism: the epoch's shuffle is seeded by ``(seed, epoch)`` and each step's dequantization noise
+by ``(seed, global step)``, so a run killed and resumed ends with the same weights as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoints import checkpoints_dir, save
+from .config import FlowConfig
+from .data import load_images, match_shape
+from .likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
+from .models import build
+
+__all__ = ["TrainConfig", "NegativeConfig", "load_train_config", "train"]
+
+
+@dataclass
+class NegativeConfig:
+    """App. B, eq. 7: also minimise log p(x) on ``dataset`` while log P(x) > ``threshold`` (nats)."""
+
+    dataset: str
+    threshold: float
+    weight: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    name: str
+    model: FlowConfig
+    dataset: str = "fashion_mnist"
+    ood: list[str] = field(default_factory=list)
+    optimizer: str = "adam"  # adam | adamw | rmsprop
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"  # constant | cosine (over epochs), both after a linear warmup
+    warmup_steps: int = 200
+    batch_size: int = 64
+    epochs: int = 10
+    max_minutes: float | None = None
+    grad_clip: float | None = 100.0
+    seed: int = 0
+    save_every_minutes: float = 3.0
+    train_subset: int | None = None  # use only the first N training images
+    test_subset: int | None = 2000  # images for the per-epoch test bpd
+    pixel_noise_mu: float = 0.0  # Ren et al. background model: replace pixels by uniform noise w.p. mu
+    negative: NegativeConfig | None = None
+    threads: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        d = dict(d)
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        d["model"] = FlowConfig.from_dict(d.get("model", {}))
+        if d.get("negative"):
+            d["negative"] = NegativeConfig(**d["negative"])
+        if d.get("optimizer", "adam") not in ("adam", "adamw", "rmsprop"):
+            raise ValueError(f"unknown optimizer {d['optimizer']!r}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_train_config(path: str | os.PathLike) -> TrainConfig:
+    """Read a JSON or TOML training config."""
+    path = Path(path)
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        raw = tomllib.loads(text)
+    else:
+        raw = json.loads(text)
+    return TrainConfig.from_dict(raw)
+
+
+def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    if cfg.lr_schedule == "cosine":
+        frac = min(1.0, step / max(1, total_steps))
+        return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr * warm
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _images(name: str, split: str, shape, data_dir: str | None, limit: int | None = None) -> Tensor:
+    x = match_shape(load_images(name, split, data_dir), shape)
+    if limit:
+        x = x[:limit]
+    return as_image_tensor(x)
+
+
+def _add_pixel_noise(k: Tensor, mu: float, gen: torch.Generator) -> Tensor:
+    replace = torch.rand(k.shape, generator=gen) < mu
+    noise = torch.randint(0, 256, k.shape, generator=gen, dtype=torch.uint8)
+    return torch.where(replace, noise, k)
+
+
+class _Logger:
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+
+    def __call__(self, **event: Any) -> None:
+        if not self.enabled:
+            return
+        event = {"time": round(time.time(), 3), **event}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(event) + "\n")
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    data_dir: str | None = None,
+    export_dir: str | os.PathLike | None = None,
+    max_minutes: float | None = None,
+    max_steps: int | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Train (or resume) a run; export to ``export_dir`` (default ``checkpoints/NAME``) when finished.
+
+    ``max_steps`` stops early (for tests: simulates a kill) without exporting.
+    Returns a summary dict.
+    """
+    from tqdm.auto import tqdm
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run_dir = Path(run_dir or Path("runs") / cfg.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = _Logger(run_dir / "log.jsonl")
+    state_path = run_dir / "state.pt"
+    shape = cfg.model.image_shape
+
+    x_train = _images(cfg.dataset, "train", shape, data_dir, cfg.train_subset)
+    x_test = _images(cfg.dataset, "test", shape, data_dir, cfg.test_subset)
+    x_neg = _images(cfg.negative.dataset, "train", shape, data_dir) if cfg.negative else None
+    dims = int(np.prod(shape))
+
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model).to(device)
+    opt = _optimizer(cfg, model.parameters())
+    steps_per_epoch = len(x_train) // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
+    total_steps = steps_per_epoch * cfg.epochs
+    pos = {"epoch": 0, "step": 0, "elapsed": 0.0, "skipped": 0}
+    if resume and state_path.is_file():
+        st = _load_state(state_path)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        pos = {k: st["position"][k] for k in pos}
+        log(event="resume", **pos)
+    elif state_path.is_file() and not resume:
+        raise FileExistsError(f"{state_path} exists: pass --resume to continue it, or remove {run_dir}")
+    else:
+        log(event="start", config=cfg.to_dict(), torch=torch.__version__, threads=torch.get_num_threads())
+
+    budget = max_minutes if max_minutes is not None else cfg.max_minutes
+    start_elapsed, t0 = pos["elapsed"], time.time()
+    last_save = time.time()
+
+    def elapsed() -> float:
+        return start_elapsed + time.time() - t0
+
+    def save_state() -> None:
+        pos["elapsed"] = elapsed()
+        _atomic_torch_save(
+            {"model": model.state_dict(), "optimizer": opt.state_dict(), "position": dict(pos)}, state_path
+        )
+        log(event="save", **pos)
+
+    def test_bpd() -> float:
+        model.eval()
+        ll = log_likelihood_nats(model, x_test, seed=cfg.seed, batch_size=256, device=device)
+        model.train()
+        return float(np.mean(nats_to_bpd(ll, dims)))
+
+    stopped_by = "epochs"
+    model.train()
+    bar = tqdm(
+        total=total_steps,
+        initial=pos["step"] + pos["epoch"] * steps_per_epoch,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    steps_this_call = 0
+    while pos["epoch"] < cfg.epochs:
+        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + pos["epoch"]))
+        while pos["step"] < steps_per_epoch:
+            global_step = pos["epoch"] * steps_per_epoch + pos["step"]
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + global_step)
+            idx = perm[pos["step"] * cfg.batch_size : (pos["step"] + 1) * cfg.batch_size]
+            k = x_train[idx]
+            if cfg.pixel_noise_mu > 0:
+                k = _add_pixel_noise(k, cfg.pixel_noise_mu, gen)
+            v = dequantize(k, "uniform", gen).to(device)
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(cfg, global_step, total_steps)
+            log_p = model.log_prob(v) - dims * LOG_256
+            log_p_value = log_p.detach()
+            loss = -log_p.mean() / (dims * math.log(2))
+            neg_term = None
+            if x_neg is not None:
+                nidx = torch.randint(0, len(x_neg), (cfg.batch_size,), generator=gen)
+                log_q = model.log_prob(dequantize(x_neg[nidx], "uniform", gen).to(device)) - dims * LOG_256
+                active = (log_q > cfg.negative.threshold).to(log_q.dtype)
+                neg_term = (log_q * active).mean() / (dims * math.log(2))
+                loss = loss + cfg.negative.weight * neg_term
+            opt.zero_grad(set_to_none=True)
+            ok = bool(torch.isfinite(loss))
+            if ok:
+                loss.backward()
+                # the total norm is non-finite iff some gradient is: such a step never reaches the weights
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
+                ok = bool(torch.isfinite(norm))
+            if ok:
+                opt.step()
+            else:
+                pos["skipped"] += 1
+                log(event="skip_nonfinite", step=global_step, loss=float(loss.detach()))
+            pos["step"] += 1
+            steps_this_call += 1
+            bar.update(1)
+            if global_step % 10 == 0:
+                bar.set_postfix(bpd=f"{float(-log_p_value.mean()) / (dims * math.log(2)):.3f}", ep=pos["epoch"])
+            if global_step % 100 == 0:
+                bpd_now = float(-log_p_value.mean()) / (dims * math.log(2))
+                lr_now = opt.param_groups[0]["lr"]
+                event = {"event": "train", "step": global_step, "bpd": round(bpd_now, 5), "lr": lr_now}
+                if neg_term is not None:
+                    event["neg_bpd"] = round(float(-neg_term), 5)
+                log(**event)
+            if time.time() - last_save > 60 * cfg.save_every_minutes:
+                save_state()
+                last_save = time.time()
+            if max_steps is not None and steps_this_call >= max_steps:
+                save_state()
+                bar.close()
+                return {"stopped_by": "max_steps", **pos}
+            if budget is not None and elapsed() > 60 * budget:
+                stopped_by = "max_minutes"
+                break
+        if stopped_by == "max_minutes":
+            break
+        pos["epoch"] += 1
+        pos["step"] = 0
+        bpd = test_bpd()
+        log(event="epoch", epoch=pos["epoch"], test_bpd=round(bpd, 5), elapsed=round(elapsed(), 1))
+        bar.write(f"epoch {pos['epoch']}: test bpd {bpd:.4f}")
+        save_state()
+        last_save = time.time()
+    bar.close()
+    save_state()
+    bpd = test_bpd()
+    model.eval()
+    images_seen = (pos["epoch"] * steps_per_epoch + pos["step"]) * cfg.batch_size
+    training = {
+        "dataset": cfg.dataset,
+        "train_images": len(x_train),
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "epochs_completed": round(images_seen / len(x_train), 3),
+        "images_seen": images_seen,
+        "cpu_minutes": round(pos["elapsed"] / 60, 1),
+        "threads": torch.get_num_threads(),
+        "stopped_by": stopped_by,
+        "skipped_steps": pos["skipped"],
+        "pixel_noise_mu": cfg.pixel_noise_mu,
+        "negative": asdict(cfg.negative) if cfg.negative else None,
+        "torch": torch.__version__,
+        "device": device,
+    }
+    out = Path(export_dir) if export_dir else checkpoints_dir() / cfg.name
+    save(
+        model.cpu(),
+        out,
+        name=cfg.name,
+        dataset=cfg.dataset,
+        ood=cfg.ood,
+        training=training,
+        train_config=cfg.to_dict(),
+        metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(x_test)},
+    )
+    log(event="export", path=str(out), test_bpd=bpd)
+    return {"stopped_by": stopped_by, "test_bpd": bpd, "export": str(out), **pos}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
