@@ -31,6 +31,102 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import evaluate
+
+    summary = evaluate(
+        args.checkpoint,
+        data_dir=args.data_dir,
+        n_draws=args.draws,
+        train_subset=args.train_subset,
+        test_subset=args.test_subset,
+        ood_subset=args.ood_subset,
+        ood=args.ood,
+        seed=args.seed,
+        device=args.device,
+        write=not args.no_write,
+        progress=not args.json,
+    )
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"test bpd: mean {summary['bpd_mean']:.4f}, median {summary['bpd_median']:.4f}  counts {summary['counts']}")
+    table = summary["auroc"]
+    sets = sorted({s for row in table.values() for s in row})
+    print(f"{'AUROC (in-dist positive)':<24}" + "".join(f"{s:>14}" for s in sets))
+    for score, row in table.items():
+        print(f"{score:<24}" + "".join(f"{row.get(s, float('nan')):>14.4f}" for s in sets))
+    for name, why in summary["skipped_sets"].items():
+        print(f"skipped {name}: {why}", file=sys.stderr)
+    return 0
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    from .scores import score_files, write_rows
+
+    rows, failures = score_files(
+        args.checkpoint,
+        args.paths,
+        score=args.score,
+        fpr=args.fpr,
+        invert=args.invert,
+        batch_size=args.batch_size,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    write_rows(rows, args.format, sys.stdout)
+    for path, why in failures:
+        print(f"flowcore score: cannot score {path}: {why}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from . import data
+
+    if args.action == "download":
+        root = data.data_dir(args.data_dir)
+        if root is None:
+            raise ValueError("set FLOWCORE_DATA_DIR or pass --data-dir to say where to download")
+        for name in args.names:
+            print(f"downloaded {name} to {data.download(name, root)}")
+        return 0
+    for name in data.DATASETS:
+        try:
+            n = len(data.load_images(name, "test", args.data_dir))
+            print(f"{name:<14} found ({n} test images)")
+        except data.DatasetNotFound as e:
+            print(f"{name:<14} missing: {e}")
+    return 0
+
+
+def _cmd_app(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    home = Path(__file__).resolve().parent.parent / "app" / "Home.py"
+    if not home.is_file():
+        raise FileNotFoundError(f"the dashboard is not in this installation (looked for {home})")
+    env = dict(os.environ)
+    if args.checkpoint:
+        env["FLOWCORE_DEFAULT_CHECKPOINT"] = args.checkpoint
+    cmd = [
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(home),
+        "--server.port",
+        str(args.port),
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+    ]
+    return subprocess.call(cmd, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowcore", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -46,6 +142,43 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="reference statistics, bpd and the AUROC table of a checkpoint")
+    e.add_argument("checkpoint")
+    e.add_argument("--data-dir", default=None)
+    e.add_argument("--draws", type=int, default=1, help="dequantization draws averaged per image")
+    e.add_argument("--train-subset", type=int, default=2000)
+    e.add_argument("--test-subset", type=int, default=None)
+    e.add_argument("--ood-subset", type=int, default=None)
+    e.add_argument("--ood", nargs="*", default=None, help="OOD sets (default: the standard ones present)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--no-write", action="store_true", help="do not update the checkpoint's reference files")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("score", help="score image files or folders")
+    s.add_argument("checkpoint")
+    s.add_argument("paths", nargs="+")
+    s.add_argument("--score", default="likelihood", help="score used for percentile and OOD flag")
+    s.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the OOD flag")
+    s.add_argument("--invert", choices=["auto", "yes", "no"], default="auto")
+    s.add_argument("--format", choices=["csv", "json"], default="csv")
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=_cmd_score)
+
+    d = sub.add_parser("data", help="list or download datasets")
+    d.add_argument("action", choices=["list", "download"])
+    d.add_argument("names", nargs="*")
+    d.add_argument("--data-dir", default=None)
+    d.set_defaults(func=_cmd_data)
+
+    a = sub.add_parser("app", help="start the dashboard")
+    a.add_argument("--port", type=int, default=8501)
+    a.add_argument("--checkpoint", default=None, help="checkpoint selected at start (default fashion_realnvp)")
+    a.set_defaults(func=_cmd_app)
     return p
 
 
@@ -68,4 +201,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["main", "build_parser", "Path"]
+__all__ = ["main", "build_parser"]

@@ -26,7 +26,7 @@ from .bijectors import ActNorm, AffineCoupling, Bijector, Chain, InvConv1x1, Log
 from .config import FlowConfig, as_config
 from .nets import MLP, GlowST, ResNetST
 
-__all__ = ["MultiScale", "ImageFlow", "TabularFlow", "build", "standard_normal_log_prob"]
+__all__ = ["MultiScale", "ImageFlow", "TabularFlow", "build", "standard_normal_log_prob", "latent_scale_map"]
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -111,6 +111,21 @@ class TabularFlow(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         z, log_det = self(x)
         return standard_normal_log_prob(z) + log_det
+
+
+def latent_scale_map(model: ImageFlow) -> Tensor:
+    """(C, H, W) long tensor: the scale at which each latent of the image layout is factored out."""
+
+    def labels(scale: MultiScale, c: int, h: int, w: int, s: int) -> Tensor:
+        if scale.post is None:
+            return torch.full((1, c, h, w), s)
+        c, h, w = 4 * c, h // 2, w // 2
+        if scale.next is None:
+            return unsqueeze(torch.full((1, c, h, w), s))
+        inner = labels(scale.next, c // 2, h, w, s + 1)
+        return unsqueeze(torch.cat([torch.full((1, c // 2, h, w), s), inner], dim=1))
+
+    return labels(model.body, *model.image_shape, 0)[0]
 
 
 def _st_net(cfg: FlowConfig, in_ch: int, out_ch: int, spatial: tuple[int, int]) -> nn.Module:

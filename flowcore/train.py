@@ -242,6 +242,8 @@ def train(
             v = dequantize(k, "uniform", gen).to(device)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, global_step, total_steps)
+            # BatchNorm running stats change in the forward pass: keep them to undo a skipped step
+            buffers_before = [b.clone() for b in model.buffers()]
             log_p = model.log_prob(v) - dims * LOG_256
             log_p_value = log_p.detach()
             loss = -log_p.mean() / (dims * math.log(2))
@@ -262,6 +264,9 @@ def train(
             if ok:
                 opt.step()
             else:
+                with torch.no_grad():
+                    for b, saved in zip(model.buffers(), buffers_before, strict=True):
+                        b.copy_(saved)
                 pos["skipped"] += 1
                 log(event="skip_nonfinite", step=global_step, loss=float(loss.detach()))
             pos["step"] += 1
@@ -274,7 +279,7 @@ def train(
                 lr_now = opt.param_groups[0]["lr"]
                 event = {"event": "train", "step": global_step, "bpd": round(bpd_now, 5), "lr": lr_now}
                 if neg_term is not None:
-                    event["neg_bpd"] = round(float(-neg_term), 5)
+                    event["neg_bpd"] = round(float(-neg_term.detach()), 5)
                 log(**event)
             if time.time() - last_save > 60 * cfg.save_every_minutes:
                 save_state()

@@ -13,6 +13,7 @@ from torch.autograd.functional import jacobian
 
 import flowcore
 from flowcore.bijectors import ActNorm, AffineCoupling, InvConv1x1, Logit, Squeeze, spatial_masks
+from flowcore.likelihood import log_likelihood_terms
 from flowcore.nets import GlowST, ResNetST
 
 TINY = dict(hidden=4, blocks=1)
@@ -260,12 +261,15 @@ def test_shared_model_is_thread_safe():
 
 
 def test_discrete_likelihood_convention():
-    model = _trained_like()
+    model = _trained_like().double()
     k = np.random.default_rng(0).integers(0, 256, size=(3, 4, 4), dtype=np.uint8)
     ll = flowcore.log_likelihood_nats(model, k, dequantization="midpoint")
-    v = (torch.as_tensor(k, dtype=torch.float32)[:, None] + 0.5) / 256
+    v = (torch.as_tensor(k, dtype=torch.float64)[:, None] + 0.5) / 256
     expected = model.log_prob(v).double().detach().numpy() - 16 * np.log(256)
-    np.testing.assert_allclose(ll, expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ll, expected, rtol=0, atol=1e-9)
+    terms = log_likelihood_terms(model, k, dequantization="midpoint")
+    np.testing.assert_allclose(terms["log_det"] + terms["prior_by_scale"].sum(1) - 16 * np.log(256), ll, atol=1e-9)
+    assert terms["prior_by_scale"].shape == (3, 2)
     bpd = flowcore.bits_per_dim(model, k, dequantization="midpoint")
     np.testing.assert_allclose(bpd, -expected / (16 * np.log(2)), atol=1e-9)
     # seeded uniform dequantization is reproducible and averaging draws changes the estimate

@@ -1,0 +1,174 @@
+"""Reference statistics, AUROC tables and histogram figures for a checkpoint.
+
+``reference.npz`` (beside the weights) holds one float64 array per ``SET__SCORE``, e.g.
+``test__likelihood``, ``mnist__complexity_png``; sets are ``train`` (a subset), ``test`` and each OOD
+set. ``config.json`` gets a ``reference`` summary: bpd mean/median, counts and the AUROC table
+(one row per score, one column per OOD set; in-distribution = positive class).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoints import CheckpointError, load, read_config, resolve, write_json
+from .data import DATASETS, DatasetNotFound, load_images, match_shape
+from .scores import SCORE_NAMES, auroc, compute_scores
+
+__all__ = ["evaluate", "load_reference", "auroc_table", "default_ood_sets", "histogram_figure"]
+
+REFERENCE = "reference.npz"
+
+
+def default_ood_sets(dataset: str, image_shape) -> list[str]:
+    """28x28 models: Fashion-MNIST, MNIST, notMNIST; 32x32 RGB: CIFAR-10, CelebA, SVHN and the
+    grayscale sets under the cross-domain rule. The training set itself is left out."""
+    gray = ["fashion_mnist", "mnist", "notmnist"]
+    sets = gray if image_shape[0] == 1 else ["cifar10", "celeba32", "svhn", *gray]
+    return [s for s in sets if s != dataset]
+
+
+def set_label(name: str) -> str:
+    """Short label of a dataset name for reference keys: ``npz:/a/b/svhn.npz`` -> ``svhn``."""
+    if ":" in name:
+        return Path(name.split(":", 1)[1]).stem.replace("__", "_")
+    return name
+
+
+def load_reference(name_or_path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """A checkpoint's reference statistics (empty dict when it has none)."""
+    path = resolve(name_or_path) / REFERENCE
+    if not path.is_file():
+        return {}
+    try:
+        with np.load(path, allow_pickle=False) as d:
+            return {k: np.asarray(d[k]) for k in d.files}
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: unreadable reference statistics ({e})") from None
+
+
+def auroc_table(reference: dict[str, np.ndarray], in_set: str = "test") -> dict[str, dict[str, float]]:
+    """``{score: {ood_set: auroc}}`` from stored per-image scores."""
+    sets = sorted({k.split("__")[0] for k in reference} - {"train", in_set})
+    table: dict[str, dict[str, float]] = {}
+    for score in SCORE_NAMES:
+        key = f"{in_set}__{score}"
+        if key not in reference:
+            continue
+        row = {s: auroc(reference[key], reference[f"{s}__{score}"]) for s in sets if f"{s}__{score}" in reference}
+        if row:
+            table[score] = row
+    return table
+
+
+def evaluate(
+    checkpoint: str | os.PathLike,
+    data_dir: str | None = None,
+    n_draws: int = 1,
+    train_subset: int = 2000,
+    test_subset: int | None = None,
+    ood_subset: int | None = None,
+    ood: list[str] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    write: bool = True,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Score train subset, test set and OOD sets; store ``reference.npz`` and the summary."""
+    from tqdm.auto import tqdm
+
+    folder = resolve(checkpoint)
+    cfg = read_config(folder)
+    model = load(folder, device=device)
+    shape = model.config.image_shape
+    dataset = cfg.get("dataset")
+    if not dataset:
+        raise CheckpointError(f"{folder}/config.json names no training 'dataset' to evaluate against")
+    background = None
+    if cfg.get("background"):
+        background = load(cfg["background"], device=device)
+
+    sets: dict[str, np.ndarray] = {
+        "train": load_images(dataset, "train", data_dir)[:train_subset],
+        "test": load_images(dataset, "test", data_dir)[:test_subset],
+    }
+    skipped = {}
+    for name in ood if ood is not None else default_ood_sets(dataset, shape):
+        try:
+            sets[set_label(name)] = load_images(name, "test", data_dir)[:ood_subset]
+        except DatasetNotFound as e:
+            if ood is not None or name not in DATASETS:
+                raise
+            skipped[name] = str(e)
+    reference: dict[str, np.ndarray] = {}
+    total = sum(len(v) for v in sets.values())
+    bar = tqdm(total=total, disable=not progress, unit="img", desc="evaluate")
+    for name, images in sets.items():
+        x = match_shape(images, shape)
+        ref = reference if name != "train" else None
+        scores = compute_scores(model, x, ref, background, n_draws, seed, device=device, progress=bar.update)
+        for score, values in scores.items():
+            reference[f"{name}__{score}"] = values
+        if name == "train":  # typicality for the train subset itself, now that H exists
+            reference["train__typicality"] = -np.abs(scores["likelihood"] - np.mean(scores["likelihood"]))
+    bar.close()
+    dims = int(np.prod(shape))
+    test_bpd = -reference["test__likelihood"] / (dims * math.log(2))
+    summary = {
+        "bpd_mean": round(float(np.mean(test_bpd)), 5),
+        "bpd_median": round(float(np.median(test_bpd)), 5),
+        "n_draws": n_draws,
+        "seed": seed,
+        "counts": {k: len(v) for k, v in sets.items()},
+        "auroc": {k: {s: round(a, 5) for s, a in row.items()} for k, row in auroc_table(reference).items()},
+        "skipped_sets": skipped,
+        "torch": torch.__version__,
+    }
+    if write:
+        tmp = folder / f".{REFERENCE}.tmp.npz"
+        np.savez_compressed(
+            tmp, **{k: v.astype(np.float32) if k.endswith("__bpd") else v for k, v in reference.items()}
+        )
+        os.replace(tmp, folder / REFERENCE)
+        cfg["reference"] = summary
+        write_json(folder / "config.json", cfg)
+        histogram_figure(reference, folder / "histogram.png", title=cfg.get("name", folder.name), dims=dims)
+    return summary
+
+
+def histogram_figure(
+    reference: dict[str, np.ndarray],
+    path: str | os.PathLike,
+    title: str = "",
+    dims: int = 784,
+    score: str = "likelihood",
+) -> Path | None:
+    """Paper Fig. 8-style histogram of per-image log-likelihoods (bpd) per set; PNG via matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    sets = [k.split("__")[0] for k in reference if k.endswith(f"__{score}")]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    for s in sets:
+        values = reference[f"{s}__{score}"]
+        if score == "likelihood":
+            values = -values / (dims * math.log(2))
+        ax.hist(values, bins=80, alpha=0.5, density=True, label=f"{s} (n={len(values)})")
+    ax.set_xlabel("bits/dim (lower = more likely)" if score == "likelihood" else score)
+    ax.set_ylabel("density")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,172 @@
+"""Issue 4: training drops bpd, resumes exactly, never saves NaN; evaluate and the CLI."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import flowcore
+from flowcore import train as train_mod
+from flowcore.cli import main
+from flowcore.evaluate import evaluate, load_reference
+from flowcore.scores import auroc
+from flowcore.train import TrainConfig, train
+
+
+def _blobs(n, seed, size=8, invert=False):
+    """Smooth structured 8x8 images: random Gaussian blobs."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx = rng.uniform(2, size - 2, (2, n, 1, 1))
+    r = rng.uniform(1.5, 3.0, (n, 1, 1))
+    img = 230 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r**2))
+    img = img + rng.normal(0, 4, img.shape)
+    if invert:
+        img = 255 - img
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    main_npz = tmp_path / "blobs.npz"
+    np.savez(main_npz, x_train=_blobs(256, 0), y_train=np.zeros(256, np.uint8), x_test=_blobs(64, 1),
+             y_test=np.zeros(64, np.uint8))
+    ood = tmp_path / "noise.npz"
+    rng = np.random.default_rng(3)
+    np.savez(ood, x_test=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8), y_test=np.zeros(64, np.uint8))
+    return main_npz, ood
+
+
+def _cfg(npz, **kw):
+    d = dict(name="tiny", model=dict(arch="realnvp", image_shape=[1, 8, 8], scales=2, hidden=8, blocks=1),
+             dataset=f"npz:{npz}", lr=3e-3, batch_size=32, epochs=2, warmup_steps=2, test_subset=64, seed=1)
+    d.update(kw)
+    return TrainConfig.from_dict(d)
+
+
+def test_bpd_drops_and_resume_is_exact(tiny_data, tmp_path):
+    npz, _ = tiny_data
+    full = train(_cfg(npz), run_dir=tmp_path / "a", export_dir=tmp_path / "ck_a", progress=False)
+    log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
+    first = [e["bpd"] for e in log if e["event"] == "train"][0]
+    assert full["test_bpd"] < first - 0.5, (first, full["test_bpd"])
+    # "kill" after 5 steps (mid-epoch 1), then resume in a new call
+    part = train(_cfg(npz), run_dir=tmp_path / "b", max_steps=5, progress=False)
+    assert part["stopped_by"] == "max_steps" and (part["epoch"], part["step"]) == (0, 5)
+    with pytest.raises(FileExistsError):
+        train(_cfg(npz), run_dir=tmp_path / "b", progress=False)
+    train(_cfg(npz), run_dir=tmp_path / "b", resume=True, export_dir=tmp_path / "ck_b", progress=False)
+    a = load_file(str(tmp_path / "ck_a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ck_b" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    meta = json.loads((tmp_path / "ck_b" / "config.json").read_text())
+    assert meta["training"]["images_seen"] == 2 * 256 // 32 * 32
+    assert meta["dataset"].startswith("npz:")
+
+
+def test_crash_during_save_keeps_previous_state(tiny_data, tmp_path, monkeypatch):
+    npz, _ = tiny_data
+    train(_cfg(npz), run_dir=tmp_path / "r", max_steps=2, progress=False)
+    state_path = tmp_path / "r" / "state.pt"
+    before = torch.load(state_path, weights_only=True)
+
+    def broken_save(obj, path):
+        with open(path, "wb") as f:
+            f.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(train_mod.torch, "save", broken_save)
+    with pytest.raises(OSError):
+        train(_cfg(npz), run_dir=tmp_path / "r", resume=True, max_steps=1, progress=False)
+    after = torch.load(state_path, weights_only=True)
+    assert after["position"] == before["position"]
+    assert all(torch.equal(after["model"][k], before["model"][k]) for k in before["model"])
+
+
+def test_nonfinite_loss_is_skipped_and_never_saved(tiny_data, tmp_path, monkeypatch):
+    npz, _ = tiny_data
+    real = train_mod.dequantize
+    calls = {"n": 0}
+
+    def poisoned(*args, **kw):
+        calls["n"] += 1
+        v = real(*args, **kw)
+        if calls["n"] == 3:
+            v = v.clone()
+            v[0, 0, 0, 0] = float("nan")
+        return v
+
+    monkeypatch.setattr(train_mod, "dequantize", poisoned)
+    summary = train(_cfg(npz, epochs=1), run_dir=tmp_path / "n", export_dir=tmp_path / "ck", progress=False)
+    assert summary["skipped"] == 1
+    log = (tmp_path / "n" / "log.jsonl").read_text()
+    assert "skip_nonfinite" in log
+    weights = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert all(torch.isfinite(w.float()).all() for w in weights.values())
+
+
+def test_negative_training_pushes_ood_down(tiny_data, tmp_path):
+    npz, ood_npz = tiny_data
+    inverted = tmp_path / "inv.npz"
+    np.savez(inverted, x_train=_blobs(256, 5, invert=True), x_test=_blobs(64, 6, invert=True))
+    base = train(_cfg(npz, epochs=3), run_dir=tmp_path / "p", export_dir=tmp_path / "ck_p", progress=False)
+    neg = _cfg(npz, epochs=3, negative={"dataset": f"npz:{inverted}", "threshold": -1e9, "weight": 0.5})
+    train(neg, run_dir=tmp_path / "q", export_dir=tmp_path / "ck_q", progress=False)
+    x_inv = np.load(inverted)["x_test"]
+    ll_base = flowcore.log_likelihood_nats(flowcore.load(tmp_path / "ck_p"), x_inv).mean()
+    ll_neg = flowcore.log_likelihood_nats(flowcore.load(tmp_path / "ck_q"), x_inv).mean()
+    assert ll_neg < ll_base - 50, (ll_base, ll_neg)
+    assert base["test_bpd"] < 8
+
+
+def test_evaluate_auroc_matches_sklearn_and_cli(tiny_data, tmp_path, capsys):
+    from sklearn.metrics import roc_auc_score
+
+    npz, ood = tiny_data
+    train(_cfg(npz, epochs=1), run_dir=tmp_path / "e", export_dir=tmp_path / "ck", progress=False)
+    summary = evaluate(tmp_path / "ck", ood=[f"npz:{ood}"], train_subset=64)
+    ref = load_reference(tmp_path / "ck")
+    y = np.r_[np.ones(64), np.zeros(64)]
+    for score in ("likelihood", "complexity_png", "typicality", "last_scale"):
+        s = np.r_[ref[f"test__{score}"], ref[f"noise__{score}"]]
+        assert summary["auroc"][score]["noise"] == pytest.approx(roc_auc_score(y, s), abs=1e-5)
+    assert summary["auroc"]["likelihood"]["noise"] > 0.9  # uniform noise is far less likely than blobs
+    assert auroc(ref["test__likelihood"], ref["noise__likelihood"]) == pytest.approx(
+        summary["auroc"]["likelihood"]["noise"], abs=1e-5)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["reference"]["counts"] == {"train": 64, "test": 64, "noise": 64}
+    assert (tmp_path / "ck" / "histogram.png").stat().st_size > 1000
+    # the CLI prints one JSON object with the same numbers
+    capsys.readouterr()
+    rc = main(["evaluate", str(tmp_path / "ck"), "--ood", f"npz:{ood}", "--train-subset", "64", "--json",
+               "--no-write"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["auroc"] == summary["auroc"] and out["bpd_median"] == summary["bpd_median"]
+
+
+def test_cli_train_runs_from_a_config_file(tiny_data, tmp_path):
+    npz, _ = tiny_data
+    cfg = _cfg(npz, epochs=1).to_dict()
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    rc = main(["train", str(path), "--run-dir", str(tmp_path / "run"), "--export", str(tmp_path / "ck"),
+               "--no-progress"])
+    assert rc == 0
+    assert flowcore.load(tmp_path / "ck").config.hidden == 8
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["evaluate", "no_such_checkpoint"], "no checkpoint named"),
+    (["train", "/no/such/config.json"], "No such file"),
+])
+def test_cli_errors_are_one_line(args, needle):
+    r = subprocess.run([sys.executable, "-m", "flowcore.cli", *args], capture_output=True, text=True)
+    assert r.returncode != 0
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], r.stderr
