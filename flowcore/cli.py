@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, DatasetNotFound, FileExistsError, FileNotFoundError, ValueError) as e:
+    except (CheckpointError, DatasetNotFound, OSError, ValueError) as e:
         print(f"flowcore {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
