@@ -1,0 +1,105 @@
+"""Scoring and training throughput of a flow, as ratios of a matmul peak measured in the same run.
+
+    python benchmarks/throughput.py                       # shipped sizes, built fresh
+    python benchmarks/throughput.py --checkpoint fashion_realnvp --threads 2
+
+Prints img/s, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) and that as a fraction of
+the float32 matmul GFLOP/s measured here, so numbers from a busy or a different machine stay comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import flowcore
+
+SHIPPED = {
+    "realnvp (fashion_realnvp size)": {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 32, "blocks": 2},
+    "glow (fashion_glow size)": {"arch": "glow", "image_shape": [1, 28, 28], "hidden": 128, "steps": 8},
+}
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    return 2 * n**3 / _median_time(lambda: a @ b, repeats) / 1e9
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def bench(model: torch.nn.Module, batch: int, repeats: int) -> dict[str, float]:
+    shape = model.config.image_shape
+    v = (torch.randint(0, 256, (batch, *shape)).float() + 0.5) / 256
+    model.eval()
+
+    def score():
+        with torch.no_grad():
+            model.log_prob(v)
+
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), 1e-5)
+
+    def step():
+        opt.zero_grad()
+        (-model.log_prob(v).mean()).backward()
+        opt.step()
+
+    step()  # ActNorm init etc. before counting
+    model.eval()
+    f_score, t_score = count_flops(score), _median_time(score, repeats)
+    model.train()
+    f_train, t_train = count_flops(step), _median_time(step, repeats)
+    model.eval()
+    return {
+        "score_img_s": batch / t_score,
+        "score_gflops": f_score / t_score / 1e9,
+        "train_img_s": batch / t_train,
+        "train_gflops": f_train / t_train / 1e9,
+        "gflop_per_img": f_score / batch / 1e9,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", action="append", default=None)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    models = {n: flowcore.load(n) for n in args.checkpoint} if args.checkpoint else {
+        n: flowcore.build(c) for n, c in SHIPPED.items()}
+    peak = matmul_gflops()
+    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
+          f"{args.threads} thread(s), batch {args.batch}")
+    print(f"float32 matmul 1024^3: {peak:.1f} GFLOP/s (reference peak for the ratios below)")
+    print(f"{'model':<32}{'params':>10}{'GFLOP/img':>10}{'score img/s':>13}{'score/peak':>11}"
+          f"{'train img/s':>13}{'train/peak':>11}")
+    for name, model in models.items():
+        r = bench(model, args.batch, args.repeats)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"{name:<32}{params:>10,}{r['gflop_per_img']:>10.3f}{r['score_img_s']:>13.1f}"
+              f"{r['score_gflops'] / peak:>11.2%}{r['train_img_s']:>13.1f}{r['train_gflops'] / peak:>11.2%}")
+
+
+if __name__ == "__main__":
+    main()
