@@ -34,8 +34,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
+    from .checkpoints import read_config, resolve, write_json
     from .evaluate import evaluate
 
+    if args.background:
+        cfg = read_config(args.checkpoint)
+        read_config(args.background)  # fails clearly if it does not exist
+        cfg["background"] = args.background
+        write_json(resolve(args.checkpoint) / "config.json", cfg)
     summary = evaluate(
         args.checkpoint,
         data_dir=args.data_dir,
@@ -154,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.add_argument("--no-write", action="store_true", help="do not update the checkpoint's reference files")
+    e.add_argument("--background", default=None, help="link a background checkpoint (likelihood_ratio score)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.set_defaults(func=_cmd_evaluate)
 

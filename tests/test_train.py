@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,35 @@ def test_cli_errors_are_one_line(args, needle):
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_score_folder_with_a_corrupt_file(tiny_data, tmp_path, capsys):
+    from PIL import Image
+
+    npz, ood = tiny_data
+    train(_cfg(npz, epochs=1), run_dir=tmp_path / "s", export_dir=tmp_path / "ck", progress=False)
+    evaluate(tmp_path / "ck", ood=[f"npz:{ood}"], train_subset=64)
+    folder = tmp_path / "imgs" / "sub"
+    folder.mkdir(parents=True)
+    blobs = _blobs(3, 9)
+    for i, b in enumerate(blobs):
+        Image.fromarray(b).save(folder / f"blob{i}.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    capsys.readouterr()
+    rc = main(["score", str(tmp_path / "ck"), str(tmp_path / "imgs"), "--format", "json", "--no-progress",
+               "--invert", "no"])
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert rc == 1
+    assert [Path(r["path"]).name for r in rows] == ["blob0.png", "blob1.png", "blob2.png"]
+    assert "broken.png" in captured.err and len(captured.err.strip().splitlines()) == 1
+    expected = flowcore.log_likelihood_nats(flowcore.load(tmp_path / "ck"), blobs)
+    np.testing.assert_allclose([r["log_likelihood_nats"] for r in rows], expected, atol=1e-3)
+    ref = load_reference(tmp_path / "ck")["test__likelihood"]
+    for r in rows:
+        assert r["percentile"] == pytest.approx(100 * np.mean(ref < r["log_likelihood_nats"]), abs=2)
+    # CSV has a header and one line per good image
+    capsys.readouterr()
+    main(["score", str(tmp_path / "ck"), str(folder / "blob0.png"), "--no-progress", "--invert", "no"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("path,log_likelihood_nats,bpd") and len(lines) == 2

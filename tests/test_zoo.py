@@ -1,0 +1,58 @@
+"""Issue 5: every shipped checkpoint loads and reproduces its stored statistics; the report matches."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import flowcore
+from flowcore.checkpoints import checkpoints_dir, list_checkpoints, read_config
+from flowcore.data import load_images, match_shape
+from flowcore.evaluate import load_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = list_checkpoints()
+
+
+def test_default_checkpoint_is_shipped():
+    assert "fashion_realnvp" in SHIPPED
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_checkpoint_loads_and_is_small(name):
+    model = flowcore.load(name)
+    assert (checkpoints_dir() / name / "model.safetensors").stat().st_size < 15e6
+    cfg = read_config(name)
+    assert cfg["training"]["cpu_minutes"] > 0
+    assert not model.training
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_stored_test_bpd_is_reproduced(name, data_dir):
+    cfg = read_config(name)
+    ref = load_reference(name)
+    if "test__likelihood" not in ref:
+        pytest.skip(f"{name} has no reference statistics yet (run flowcore evaluate {name})")
+    model = flowcore.load(name)
+    x = match_shape(load_images(cfg["dataset"], "test", data_dir)[:500], model.config.image_shape)
+    r = cfg["reference"]
+    ll = flowcore.log_likelihood_nats(model, x, n_draws=r["n_draws"], seed=r["seed"])
+    dims = int(np.prod(model.config.image_shape))
+    recomputed = float(np.mean(-ll / (dims * np.log(2))))
+    stored = float(np.mean(-ref["test__likelihood"][:500] / (dims * np.log(2))))
+    assert abs(recomputed - stored) <= 0.02, (recomputed, stored)
+    # and the stored summary is the mean over the stored per-image values
+    assert r["bpd_mean"] == pytest.approx(np.mean(-ref["test__likelihood"] / (dims * np.log(2))), abs=1e-4)
+
+
+def test_results_report_matches_shipped_files():
+    spec = importlib.util.spec_from_file_location("results", ROOT / "benchmarks" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    text, cards = results.render()
+    assert (ROOT / "docs" / "results.md").read_text() == text, "run python benchmarks/results.py"
+    for name, card in cards.items():
+        assert (checkpoints_dir() / name / "README.md").read_text() == card + "\n"
+    assert json.dumps(sorted(cards)) == json.dumps(sorted(SHIPPED))
