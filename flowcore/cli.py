@@ -2,6 +2,9 @@
 
 Every expected failure (missing data, bad checkpoint, bad config) ends with one clear line on
 stderr and a non-zero exit code, never a traceback.
+
+``train``, ``evaluate`` and ``score`` also run under ``torchrun --nproc_per_node N`` (one process per
+device, see :mod:`flowcore.distributed`): the work is split across processes and only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -9,6 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
+DEVICE_HELP = "cpu, cuda or cuda:N (default cpu); under torchrun, cuda means cuda:$LOCAL_RANK"
+
+
+def _is_main() -> bool:
+    from . import distributed
+
+    return distributed.is_main()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -27,7 +38,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
     )
-    print(f"done: {summary['stopped_by']}, test bpd {summary['test_bpd']:.4f}, exported to {summary['export']}")
+    if _is_main():
+        print(f"done: {summary['stopped_by']}, test bpd {summary['test_bpd']:.4f}, exported to {summary['export']}")
     return 0
 
 
@@ -55,6 +67,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         write=not args.no_write,
         progress=not args.json,
     )
+    if not _is_main():
+        return 0
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -82,9 +96,10 @@ def _cmd_score(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
     )
-    write_rows(rows, args.format, sys.stdout)
-    for path, why in failures:
-        print(f"flowcore score: cannot score {path}: {why}", file=sys.stderr)
+    if _is_main():
+        write_rows(rows, args.format, sys.stdout)
+        for path, why in failures:
+            print(f"flowcore score: cannot score {path}: {why}", file=sys.stderr)
     return 1 if failures else 0
 
 
@@ -145,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export", default=None, help="checkpoint folder to export to (default checkpoints/NAME)")
     t.add_argument("--max-minutes", type=float, default=None)
     t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--device", default="cpu")
+    t.add_argument("--device", default="cpu", help=DEVICE_HELP)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 
@@ -158,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ood-subset", type=int, default=None)
     e.add_argument("--ood", nargs="*", default=None, help="OOD sets (default: the standard ones present)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", default="cpu", help=DEVICE_HELP)
     e.add_argument("--no-write", action="store_true", help="do not update the checkpoint's reference files")
     e.add_argument("--background", default=None, help="link a background checkpoint (likelihood_ratio score)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
@@ -172,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--invert", choices=["auto", "yes", "no"], default="auto")
     s.add_argument("--format", choices=["csv", "json"], default="csv")
     s.add_argument("--batch-size", type=int, default=256)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help=DEVICE_HELP)
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--batch-test", action="store_true", help="typicality test of all images as one batch")
     s.set_defaults(func=_cmd_score)
 
     d = sub.add_parser("data", help="list or download datasets")
@@ -202,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"flowcore {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # leave a process group torchrun made us join
+            from . import distributed
+
+            distributed.shutdown()
 
 
 if __name__ == "__main__":
