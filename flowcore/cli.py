@@ -35,10 +35,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         export_dir=args.export,
         max_minutes=args.max_minutes,
+        max_steps=args.max_steps,
         progress=not args.no_progress,
         device=args.device,
     )
-    if _is_main():
+    if not _is_main():
+        return 0
+    if summary["stopped_by"] == "max_steps":
+        print(
+            f"stopped after {args.max_steps} steps at epoch {summary['epoch']}, step {summary['step']}: "
+            "state saved, continue with --resume"
+        )
+    else:
         print(f"done: {summary['stopped_by']}, test bpd {summary['test_bpd']:.4f}, exported to {summary['export']}")
     return 0
 
@@ -160,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--export", default=None, help="checkpoint folder to export to (default checkpoints/NAME)")
     t.add_argument("--max-minutes", type=float, default=None)
     t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--max-steps", type=int, default=None, help="stop after N steps of this call (state saved)")
     t.add_argument("--device", default="cpu", help=DEVICE_HELP)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)

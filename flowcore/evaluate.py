@@ -79,9 +79,17 @@ def evaluate(
     write: bool = True,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Score train subset, test set and OOD sets; store ``reference.npz`` and the summary."""
+    """Score train subset, test set and OOD sets; store ``reference.npz`` and the summary.
+
+    Under torchrun each process scores a contiguous run of whole batches of every set (so the seeded
+    noise of each batch is that of a single-process run) and the per-image scores are gathered in
+    order on every rank; only rank 0 writes files. Every rank returns the same summary.
+    """
     from tqdm.auto import tqdm
 
+    from . import distributed as dist
+
+    device = dist.init(device)
     folder = resolve(checkpoint)
     cfg = read_config(folder)
     model = load(folder, device=device)
@@ -106,12 +114,23 @@ def evaluate(
                 raise
             skipped[name] = str(e)
     reference: dict[str, np.ndarray] = {}
-    total = sum(len(v) for v in sets.values())
-    bar = tqdm(total=total, disable=not progress, unit="img", desc="evaluate")
+    batch = 256  # compute_scores' default; sharding is in whole batches of it
+    total = sum(b - a for a, b in (dist.batch_range(len(v), batch) for v in sets.values()))
+    bar = tqdm(total=total, disable=not progress or not dist.is_main(), unit="img", desc="evaluate")
     for name, images in sets.items():
         x = match_shape(images, shape)
         ref = reference if name != "train" else None
-        scores = compute_scores(model, x, ref, background, n_draws, seed, device=device, progress=bar.update)
+        if dist.world_size() == 1:
+            scores = compute_scores(model, x, ref, background, n_draws, seed, device=device, progress=bar.update)
+        else:
+            a, b = dist.batch_range(len(x), batch)
+            part = None
+            if b > a:
+                part = compute_scores(
+                    model, x[a:b], ref, background, n_draws, seed, batch, device, bar.update, start_index=a
+                )
+            parts = [p for p in dist.all_gather_objects(part) if p is not None]
+            scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         for score, values in scores.items():
             reference[f"{name}__{score}"] = values
         if name == "train":  # typicality for the train subset itself, now that H exists
@@ -129,7 +148,7 @@ def evaluate(
         "skipped_sets": skipped,
         "torch": torch.__version__,
     }
-    if write:
+    if write and dist.is_main():
         tmp = folder / f".{REFERENCE}.tmp.npz"
         np.savez_compressed(
             tmp, **{k: v.astype(np.float32) if k.endswith("__bpd") else v for k, v in reference.items()}
@@ -138,6 +157,7 @@ def evaluate(
         cfg["reference"] = summary
         write_json(folder / "config.json", cfg)
         histogram_figure(reference, folder / "histogram.png", title=cfg.get("name", folder.name), dims=dims)
+    dist.barrier()
     return summary
 
 

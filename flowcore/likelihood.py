@@ -76,13 +76,19 @@ def log_likelihood_terms(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress=None,
+    *,
+    start_index: int = 0,
 ) -> dict[str, np.ndarray]:
     """Per-image terms of the discrete log-likelihood, each averaged over ``n_draws`` draws.
 
     ``log_likelihood`` (N,) = ``log_det`` (N,) + ``prior_by_scale.sum(1)`` - D log 256, where
     ``prior_by_scale`` (N, S) is log N(z; 0, I) summed over the latents factored out at each scale
     (``log_det`` includes the logit preprocessing and the 1/256 scaling is the - D log 256).
-    Deterministic given ``seed`` and ``batch_size``. ``progress`` is called with each batch's size.
+    Deterministic given ``seed`` and ``batch_size``: the noise of the batch starting at image ``i`` is
+    seeded by ``(seed, draw, start_index + i)``. ``start_index`` is the position of ``images[0]`` in a
+    larger set scored in whole-batch pieces (e.g. one per process), so that scoring ``x[a:b]`` with
+    ``start_index=a`` (``a`` a multiple of ``batch_size``) equals those rows of scoring ``x`` at once.
+    ``progress`` is called with each batch's size.
     """
     from .models import latent_scale_map
 
@@ -105,7 +111,7 @@ def log_likelihood_terms(
         log_det = torch.zeros(len(chunk), dtype=torch.float64)
         prior = torch.zeros(len(chunk), n_scales, dtype=torch.float64)
         for j in range(draws):
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + j * 7919 + start)
+            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + j * 7919 + int(start_index) + start)
             v = dequantize(chunk, dequantization, gen, dtype).to(device)
             z, ld = model(v)
             log_det += ld.double().cpu()
@@ -130,14 +136,16 @@ def log_likelihood_nats(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress=None,
+    *,
+    start_index: int = 0,
 ) -> np.ndarray:
     """Per-image discrete log-likelihood ``log P(k)`` in nats (float64 array of length N).
 
     Uniform dequantization averages ``n_draws`` seeded estimates (each a lower bound of log P(k));
-    deterministic given ``seed`` and ``batch_size``.
+    deterministic given ``seed`` and ``batch_size`` (``start_index``: see :func:`log_likelihood_terms`).
     """
     return log_likelihood_terms(
-        model, images, n_draws, seed, dequantization, batch_size, device, progress
+        model, images, n_draws, seed, dequantization, batch_size, device, progress, start_index=start_index
     )["log_likelihood"]
 
 

@@ -78,15 +78,20 @@ def compute_scores(
     batch_size: int = 256,
     device: str = "cpu",
     progress=None,
+    *,
+    start_index: int = 0,
 ) -> dict[str, np.ndarray]:
     """Every available score for a batch of uint8 images, plus ``bpd`` and per-scale terms.
 
     ``reference`` (a checkpoint's reference statistics) provides ``H`` for typicality; without it or
-    without a ``background`` model those scores are left out.
+    without a ``background`` model those scores are left out. ``start_index``: the position of
+    ``images[0]`` in a larger set scored in whole-batch pieces (see ``log_likelihood_terms``).
     """
     x = as_image_tensor(images)
     dims = x[0].numel()
-    terms = log_likelihood_terms(model, x, n_draws, seed, "uniform", batch_size, device, progress)
+    terms = log_likelihood_terms(
+        model, x, n_draws, seed, "uniform", batch_size, device, progress, start_index=start_index
+    )
     ll = terms["log_likelihood"]
     bpd = nats_to_bpd(ll, dims)
     out = {"likelihood": ll, "bpd": bpd, "log_det": terms["log_det"]}
@@ -98,7 +103,9 @@ def compute_scores(
     if reference is not None and "train__likelihood" in reference:
         out["typicality"] = -np.abs(ll - float(np.mean(reference["train__likelihood"])))
     if background is not None:
-        bg = log_likelihood_terms(background, x, n_draws, seed, "uniform", batch_size, device)["log_likelihood"]
+        bg = log_likelihood_terms(background, x, n_draws, seed, "uniform", batch_size, device, start_index=start_index)[
+            "log_likelihood"
+        ]
         out["background_likelihood"] = bg
         out["likelihood_ratio"] = ll - bg
     return out
@@ -172,13 +179,18 @@ def score_files(
     Each row: path, log-likelihood (nats), bpd, the chosen score, its percentile among the
     checkpoint's in-distribution test images and an OOD flag at false-positive rate ``fpr``.
     Unreadable files are returned separately as ``(path, reason)``; they never stop the batch.
+
+    Under torchrun each process scores a contiguous run of whole batches and the rows are gathered
+    back in input order: every rank returns exactly the rows of a single-process run.
     """
     from tqdm.auto import tqdm
 
+    from . import distributed as dist
     from .checkpoints import load, read_config
     from .evaluate import load_reference
     from .images import ImageError, load_image_file
 
+    device = dist.init(device)
     model = load(checkpoint, device=device)
     reference = load_reference(checkpoint)
     background = None
@@ -202,27 +214,33 @@ def score_files(
             good.append(f)
         except (ImageError, OSError) as e:
             failures.append((str(f), str(e)))
-    rows: list[dict] = []
-    bar = tqdm(total=len(good), disable=not progress, unit="img", desc="score")
-    for start in range(0, len(good), batch_size):
-        batch = np.stack(arrays[start : start + batch_size])
-        s = compute_scores(model, batch, reference, background, batch_size=batch_size, device=device)
-        if score not in s:
-            raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORE_NAMES)}")
-        pct = percentile_of(s[score], reference[ref_key])
-        for i, f in enumerate(good[start : start + batch_size]):
-            rows.append(
-                {
-                    "path": str(f),
-                    "log_likelihood_nats": round(float(s["likelihood"][i]), 4),
-                    "bpd": round(float(s["bpd"][i]), 5),
-                    "score": score,
-                    "value": round(float(s[score][i]), 5),
-                    "percentile": round(float(pct[i]), 2),
-                    "ood": bool(s[score][i] < threshold),
-                }
-            )
-        bar.update(len(batch))
+    lo, hi = dist.batch_range(len(good), batch_size)
+    bar = tqdm(total=hi - lo, disable=not progress or not dist.is_main(), unit="img", desc="score")
+
+    def score_range(first: int, stop: int) -> list[dict]:
+        rows: list[dict] = []
+        for start in range(first, stop, batch_size):
+            batch = np.stack(arrays[start : start + batch_size])
+            s = compute_scores(model, batch, reference, background, batch_size=batch_size, device=device)
+            if score not in s:
+                raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORE_NAMES)}")
+            pct = percentile_of(s[score], reference[ref_key])
+            for i, f in enumerate(good[start : start + batch_size]):
+                rows.append(
+                    {
+                        "path": str(f),
+                        "log_likelihood_nats": round(float(s["likelihood"][i]), 4),
+                        "bpd": round(float(s["bpd"][i]), 5),
+                        "score": score,
+                        "value": round(float(s[score][i]), 5),
+                        "percentile": round(float(pct[i]), 2),
+                        "ood": bool(s[score][i] < threshold),
+                    }
+                )
+            bar.update(len(batch))
+        return rows
+
+    rows = dist.map_batches(score_range, len(good), batch_size)
     bar.close()
     return rows, failures
 

@@ -9,6 +9,15 @@ A run lives in a run folder (``runs/NAME`` by default)::
 Determinism: the epoch's shuffle is seeded by ``(seed, epoch)`` and each step's dequantization noise
 by ``(seed, global step)``, so a run killed and resumed ends with the same weights as an
 uninterrupted one.
+
+Several processes (``torchrun --nproc_per_node N flowcore train ...``; see :mod:`flowcore.distributed`):
+``batch_size`` stays the *global* batch. Every rank draws the same seeded permutation and the same
+global batch with its dequantization noise, then keeps its own slice of ``batch_size // N`` images
+(``batch_size`` must be divisible by N); DistributedDataParallel averages the gradients, so a step is
+the single-process step up to float summation order, and BatchNorm statistics (synchronised on GPUs,
+per rank on CPU). ActNorm is initialised from the global batch. The saved position counts global
+steps, so a run can be resumed with any number of processes. Only rank 0 writes ``log.jsonl``,
+``state.pt`` and the exported checkpoint and shows the progress bar.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from . import distributed as dist
 from .checkpoints import checkpoints_dir, save
 from .config import FlowConfig
 from .data import load_images, match_shape
@@ -65,6 +75,7 @@ class TrainConfig:
     pixel_noise_mu: float = 0.0  # Ren et al. background model: replace pixels by uniform noise w.p. mu
     negative: NegativeConfig | None = None
     threads: int | None = None
+    log_every: int = 100  # steps between 'train' events in log.jsonl
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -78,6 +89,8 @@ class TrainConfig:
             d["negative"] = NegativeConfig(**d["negative"])
         if d.get("optimizer", "adam") not in ("adam", "adamw", "rmsprop"):
             raise ValueError(f"unknown optimizer {d['optimizer']!r}")
+        if int(d.get("log_every", 1)) < 1:
+            raise ValueError("log_every must be >= 1")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,15 +177,21 @@ def train(
     """Train (or resume) a run; export to ``export_dir`` (default ``checkpoints/NAME``) when finished.
 
     ``max_steps`` stops early (for tests: simulates a kill) without exporting.
-    Returns a summary dict.
+    Returns a summary dict (the same on every rank when run under torchrun).
     """
     from tqdm.auto import tqdm
 
+    device = dist.init(device)
+    world, rank = dist.world_size(), dist.rank()
+    main = rank == 0
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
+    local = slice(rank * (cfg.batch_size // world), (rank + 1) * (cfg.batch_size // world))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = _Logger(run_dir / "log.jsonl")
+    log = _Logger(run_dir / "log.jsonl", enabled=main)
     state_path = run_dir / "state.pt"
     shape = cfg.model.image_shape
 
@@ -183,6 +202,7 @@ def train(
 
     torch.manual_seed(cfg.seed)
     model = build(cfg.model).to(device)
+    model, batchnorm = dist.convert_sync_batchnorm(model, device)
     opt = _optimizer(cfg, model.parameters())
     steps_per_epoch = len(x_train) // cfg.batch_size
     if steps_per_epoch == 0:
@@ -199,6 +219,23 @@ def train(
         raise FileExistsError(f"{state_path} exists: pass --resume to continue it, or remove {run_dir}")
     else:
         log(event="start", config=cfg.to_dict(), torch=torch.__version__, threads=torch.get_num_threads())
+    objective = None
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.global_actnorm_init(model)
+        dev = torch.device(device)
+        objective = DistributedDataParallel(
+            dist.LogProb(model), device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=True
+        )
+        log(
+            event="distributed",
+            world_size=world,
+            backend=dist.backend(),
+            per_rank_batch=cfg.batch_size // world,
+            batchnorm=batchnorm,
+            device=device,
+        )
 
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
     start_elapsed, t0 = pos["elapsed"], time.time()
@@ -209,14 +246,26 @@ def train(
 
     def save_state() -> None:
         pos["elapsed"] = elapsed()
-        _atomic_torch_save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(), "position": dict(pos)}, state_path
-        )
+        if main:  # parameters agree on every rank; of per-rank BatchNorm running statistics, rank 0's are kept
+            _atomic_torch_save(
+                {"model": model.state_dict(), "optimizer": opt.state_dict(), "position": dict(pos)}, state_path
+            )
         log(event="save", **pos)
 
     def test_bpd() -> float:
         model.eval()
-        ll = log_likelihood_nats(model, x_test, seed=cfg.seed, batch_size=256, device=device)
+        if world > 1:
+            dist.broadcast_state(model, buffers_only=True)
+
+        def part(a: int, b: int) -> list:
+            ll = log_likelihood_nats(model, x_test[a:b], seed=cfg.seed, batch_size=256, device=device, start_index=a)
+            return list(ll)
+
+        ll = (
+            np.asarray(dist.map_batches(part, len(x_test), 256))
+            if world > 1
+            else log_likelihood_nats(model, x_test, seed=cfg.seed, batch_size=256, device=device)
+        )
         model.train()
         return float(np.mean(nats_to_bpd(ll, dims)))
 
@@ -225,7 +274,7 @@ def train(
     bar = tqdm(
         total=total_steps,
         initial=pos["step"] + pos["epoch"] * steps_per_epoch,
-        disable=not progress,
+        disable=not progress or not main,
         unit="step",
         dynamic_ncols=True,
     )
@@ -239,23 +288,41 @@ def train(
             k = x_train[idx]
             if cfg.pixel_noise_mu > 0:
                 k = _add_pixel_noise(k, cfg.pixel_noise_mu, gen)
-            v = dequantize(k, "uniform", gen).to(device)
+            v = dequantize(k, "uniform", gen)[local].to(device)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, global_step, total_steps)
             # BatchNorm running stats change in the forward pass: keep them to undo a skipped step
             buffers_before = [b.clone() for b in model.buffers()]
-            log_p = model.log_prob(v) - dims * LOG_256
+            v_neg = None
+            if x_neg is not None:
+                nidx = torch.randint(0, len(x_neg), (cfg.batch_size,), generator=gen)
+                v_neg = dequantize(x_neg[nidx], "uniform", gen)[local].to(device)
+            if objective is None:
+                log_p = model.log_prob(v) - dims * LOG_256
+                log_q = None if v_neg is None else model.log_prob(v_neg) - dims * LOG_256
+            elif v_neg is None:
+                log_p = objective(v) - dims * LOG_256
+            else:
+                log_p, log_q = objective(v, v_neg)
+                log_p, log_q = log_p - dims * LOG_256, log_q - dims * LOG_256
             log_p_value = log_p.detach()
             loss = -log_p.mean() / (dims * math.log(2))
             neg_term = None
-            if x_neg is not None:
-                nidx = torch.randint(0, len(x_neg), (cfg.batch_size,), generator=gen)
-                log_q = model.log_prob(dequantize(x_neg[nidx], "uniform", gen).to(device)) - dims * LOG_256
+            if v_neg is not None:
                 active = (log_q > cfg.negative.threshold).to(log_q.dtype)
                 neg_term = (log_q * active).mean() / (dims * math.log(2))
                 loss = loss + cfg.negative.weight * neg_term
             opt.zero_grad(set_to_none=True)
             ok = bool(torch.isfinite(loss))
+            if world > 1:  # one collective: global-batch bpd for the log, and skip the step on every rank or none
+                neg_value = neg_term.detach() if neg_term is not None else torch.zeros((), device=log_p.device)
+                ok_value = torch.tensor(float(ok), device=log_p.device)
+                parts = [log_p_value.double().sum(), ok_value, neg_value, loss.detach()]
+                stats = dist.all_reduce_sum(torch.stack([t.double() for t in parts])).cpu()
+                ok = bool(stats[1] == world)
+                bpd_global = float(-stats[0]) / cfg.batch_size / (dims * math.log(2))
+                neg_global = float(stats[2]) / world
+                loss_global = float(stats[3]) / world
             if ok:
                 loss.backward()
                 # the total norm is non-finite iff some gradient is: such a step never reaches the weights
@@ -268,27 +335,30 @@ def train(
                     for b, saved in zip(model.buffers(), buffers_before, strict=True):
                         b.copy_(saved)
                 pos["skipped"] += 1
-                log(event="skip_nonfinite", step=global_step, loss=float(loss.detach()))
+                log(event="skip_nonfinite", step=global_step, loss=float(loss.detach()) if world == 1 else loss_global)
             pos["step"] += 1
             steps_this_call += 1
             bar.update(1)
-            if global_step % 10 == 0:
-                bar.set_postfix(bpd=f"{float(-log_p_value.mean()) / (dims * math.log(2)):.3f}", ep=pos["epoch"])
-            if global_step % 100 == 0:
-                bpd_now = float(-log_p_value.mean()) / (dims * math.log(2))
+            if global_step % 10 == 0 and main:
+                bpd_bar = float(-log_p_value.mean()) / (dims * math.log(2)) if world == 1 else bpd_global
+                bar.set_postfix(bpd=f"{bpd_bar:.3f}", ep=pos["epoch"])
+            if global_step % cfg.log_every == 0:
+                bpd_now = float(-log_p_value.mean()) / (dims * math.log(2)) if world == 1 else bpd_global
                 lr_now = opt.param_groups[0]["lr"]
                 event = {"event": "train", "step": global_step, "bpd": round(bpd_now, 5), "lr": lr_now}
                 if neg_term is not None:
-                    event["neg_bpd"] = round(float(-neg_term.detach()), 5)
+                    event["neg_bpd"] = round(float(-neg_term.detach()) if world == 1 else -neg_global, 5)
                 log(**event)
-            if time.time() - last_save > 60 * cfg.save_every_minutes:
+            if main and time.time() - last_save > 60 * cfg.save_every_minutes:  # rank 0 alone: no collective
                 save_state()
                 last_save = time.time()
             if max_steps is not None and steps_this_call >= max_steps:
                 save_state()
                 bar.close()
+                dist.barrier()
                 return {"stopped_by": "max_steps", **pos}
-            if budget is not None and elapsed() > 60 * budget:
+            over_budget = budget is not None and elapsed() > 60 * budget
+            if dist.broadcast_flag(over_budget) if world > 1 and budget is not None else over_budget:
                 stopped_by = "max_minutes"
                 break
         if stopped_by == "max_minutes":
@@ -297,7 +367,8 @@ def train(
         pos["step"] = 0
         bpd = test_bpd()
         log(event="epoch", epoch=pos["epoch"], test_bpd=round(bpd, 5), elapsed=round(elapsed(), 1))
-        bar.write(f"epoch {pos['epoch']}: test bpd {bpd:.4f}")
+        if main:
+            bar.write(f"epoch {pos['epoch']}: test bpd {bpd:.4f}")
         save_state()
         last_save = time.time()
     bar.close()
@@ -321,18 +392,21 @@ def train(
         "negative": asdict(cfg.negative) if cfg.negative else None,
         "torch": torch.__version__,
         "device": device,
+        "world_size": world,
     }
     out = Path(export_dir) if export_dir else checkpoints_dir() / cfg.name
-    save(
-        model.cpu(),
-        out,
-        name=cfg.name,
-        dataset=cfg.dataset,
-        ood=cfg.ood,
-        training=training,
-        train_config=cfg.to_dict(),
-        metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(x_test)},
-    )
+    if main:
+        save(
+            model.cpu(),
+            out,
+            name=cfg.name,
+            dataset=cfg.dataset,
+            ood=cfg.ood,
+            training=training,
+            train_config=cfg.to_dict(),
+            metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(x_test)},
+        )
+    dist.barrier()
     log(event="export", path=str(out), test_bpd=bpd)
     return {"stopped_by": stopped_by, "test_bpd": bpd, "export": str(out), **pos}
 
