@@ -106,6 +106,15 @@ def _cmd_score(args: argparse.Namespace) -> int:
     )
     if _is_main():
         write_rows(rows, args.format, sys.stdout)
+        if args.batch_test and rows:
+            from .evaluate import load_reference
+            from .scores import typicality_batch_test
+
+            ref = load_reference(args.checkpoint)
+            ll = [r["log_likelihood_nats"] for r in rows]
+            stat, p = typicality_batch_test(ll, ref["train__likelihood"], ref["test__likelihood"])
+            print(f"typicality batch test (Nalisnick et al.): M={len(ll)}, |mean log P - H| = {stat:.2f} nats, "
+                  f"bootstrap p = {p:.4f}", file=sys.stderr)
         for path, why in failures:
             print(f"flowcore score: cannot score {path}: {why}", file=sys.stderr)
     return 1 if failures else 0

@@ -225,9 +225,7 @@ def train(
 
         dist.global_actnorm_init(model)
         dev = torch.device(device)
-        objective = DistributedDataParallel(
-            dist.LogProb(model), device_ids=[dev.index] if dev.type == "cuda" else None, broadcast_buffers=True
-        )
+        objective = DistributedDataParallel(dist.LogProb(model), device_ids=[dev.index] if dev.type == "cuda" else None)
         log(
             event="distributed",
             world_size=world,

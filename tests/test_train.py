@@ -198,6 +198,10 @@ def test_score_folder_with_a_corrupt_file(tiny_data, tmp_path, capsys):
     ref = load_reference(tmp_path / "ck")["test__likelihood"]
     for r in rows:
         assert r["percentile"] == pytest.approx(100 * np.mean(ref < r["log_likelihood_nats"]), abs=2)
+    # the typicality batch test of the good images, on its own stderr line
+    capsys.readouterr()
+    main(["score", str(tmp_path / "ck"), str(folder), "--no-progress", "--invert", "no", "--batch-test"])
+    assert "bootstrap p =" in capsys.readouterr().err
     # CSV has a header and one line per good image
     capsys.readouterr()
     main(["score", str(tmp_path / "ck"), str(folder / "blob0.png"), "--no-progress", "--invert", "no"])
