@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bijectors import AffineCoupling, Chain, Squeeze, squeeze, unsqueeze
-from .likelihood import dequantize
+from .likelihood import dequantize, per_image_noise
 from .models import ImageFlow, MultiScale
 
 __all__ = [
@@ -314,10 +314,9 @@ def latents(
 ) -> np.ndarray:
     """Latents ``z`` (float64, ``(N, C, H, W)`` image layout) averaged over ``n_draws`` dequantizations.
 
-    The noise of draw ``j`` for the images from ``start`` on is seeded exactly as in
-    :func:`flowcore.likelihood.log_likelihood_nats` (``seed * 1_000_003 + j * 7919 + start``), so with
-    the same ``seed`` and ``batch_size`` the latents belong to the same dequantized images as the
-    likelihoods. ``dequantization="midpoint"`` makes one deterministic pass.
+    The noise of draw ``j`` of image ``i`` is :func:`flowcore.likelihood.per_image_noise`, exactly as in
+    :func:`flowcore.likelihood.log_likelihood_nats`, so with the same ``seed`` the latents belong to the
+    same dequantized images as the likelihoods. ``dequantization="midpoint"`` makes one deterministic pass.
 
     ``batchnorm="train"`` normalises inside the st-nets with the statistics of the batch itself
     (Fig. 10, row 4), computed per chunk of ``batch_size`` images, through a private copy: the shared
@@ -341,8 +340,8 @@ def latents(
         chunk = x[start : start + batch_size]
         total = torch.zeros(chunk.shape, dtype=torch.float64)
         for j in range(draws):
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + j * 7919 + start)
-            v = dequantize(chunk, dequantization, gen, dtype).to(dev)
+            noise = per_image_noise(len(chunk), chunk.shape[1:], seed, j, start, dtype)
+            v = dequantize(chunk, dequantization, dtype=dtype, noise=noise).to(dev)
             total += net(v)[0].double().cpu()
         out[start : start + len(chunk)] = (total / draws).numpy()
     return out

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 __all__ = [
     "as_image_tensor",
     "dequantize",
+    "per_image_noise",
     "log_likelihood_nats",
     "log_likelihood_terms",
     "bits_per_dim",
@@ -48,17 +49,36 @@ def as_image_tensor(images: np.ndarray | Tensor) -> Tensor:
 
 
 def dequantize(
-    images: Tensor, mode: str = "uniform", generator: torch.Generator | None = None, dtype=torch.float32
+    images: Tensor,
+    mode: str = "uniform",
+    generator: torch.Generator | None = None,
+    dtype=torch.float32,
+    noise: Tensor | None = None,
 ) -> Tensor:
-    """uint8 (N, C, H, W) -> ``v = (k + u) / 256`` with ``u ~ U[0, 1)`` or ``u = 1/2``."""
+    """uint8 (N, C, H, W) -> ``v = (k + u) / 256`` with ``u ~ U[0, 1)`` (from ``generator``, or the given
+    ``noise``) or ``u = 1/2`` (``mode="midpoint"``)."""
     k = images.to(dtype)
     if mode == "midpoint":
         u = torch.full_like(k, 0.5)
     elif mode == "uniform":
-        u = torch.rand(k.shape, generator=generator, dtype=dtype).to(k.device)
+        u = noise.to(dtype) if noise is not None else torch.rand(k.shape, generator=generator, dtype=dtype)
+        u = u.to(k.device)
     else:
         raise ValueError(f"unknown dequantization {mode!r}")
     return (k + u) / 256.0
+
+
+def per_image_noise(n: int, shape, seed: int, draw: int, first_index: int, dtype=torch.float32) -> Tensor:
+    """Uniform noise for images ``first_index .. first_index + n - 1`` of a set, draw ``draw``.
+
+    Each image's noise depends only on ``(seed, draw, its index)``, so a score never depends on how
+    the set is split into batches, processes or single-image calls.
+    """
+    out = torch.empty(n, *shape, dtype=dtype)
+    for r in range(n):
+        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(draw) * 100_000_007 + first_index + r)
+        out[r] = torch.rand(tuple(shape), generator=g, dtype=dtype)
+    return out
 
 
 def nats_to_bpd(log_likelihood: Tensor | np.ndarray | float, dims: int) -> Tensor | np.ndarray | float:
@@ -84,10 +104,10 @@ def log_likelihood_terms(
     ``log_likelihood`` (N,) = ``log_det`` (N,) + ``prior_by_scale.sum(1)`` - D log 256, where
     ``prior_by_scale`` (N, S) is log N(z; 0, I) summed over the latents factored out at each scale
     (``log_det`` includes the logit preprocessing and the 1/256 scaling is the - D log 256).
-    Deterministic given ``seed`` and ``batch_size``: the noise of the batch starting at image ``i`` is
-    seeded by ``(seed, draw, start_index + i)``. ``start_index`` is the position of ``images[0]`` in a
-    larger set scored in whole-batch pieces (e.g. one per process), so that scoring ``x[a:b]`` with
-    ``start_index=a`` (``a`` a multiple of ``batch_size``) equals those rows of scoring ``x`` at once.
+    Deterministic given ``seed``: image ``i``'s noise is seeded by ``(seed, draw, start_index + i)``
+    (:func:`per_image_noise`), whatever the batching. ``start_index`` is the position of ``images[0]`` in
+    a larger set scored in pieces (e.g. one per process), so that scoring ``x[a:b]`` with
+    ``start_index=a`` equals those rows of scoring ``x`` at once.
     ``progress`` is called with each batch's size.
     """
     from .models import latent_scale_map
@@ -111,8 +131,10 @@ def log_likelihood_terms(
         log_det = torch.zeros(len(chunk), dtype=torch.float64)
         prior = torch.zeros(len(chunk), n_scales, dtype=torch.float64)
         for j in range(draws):
-            gen = torch.Generator().manual_seed(int(seed) * 1_000_003 + j * 7919 + int(start_index) + start)
-            v = dequantize(chunk, dequantization, gen, dtype).to(device)
+            noise = None
+            if dequantization == "uniform":
+                noise = per_image_noise(len(chunk), chunk.shape[1:], seed, j, int(start_index) + start, dtype)
+            v = dequantize(chunk, dequantization, dtype=dtype, noise=noise).to(device)
             z, ld = model(v)
             log_det += ld.double().cpu()
             per_latent = -0.5 * z.double().pow(2) - 0.5 * math.log(2 * math.pi)
@@ -142,7 +164,7 @@ def log_likelihood_nats(
     """Per-image discrete log-likelihood ``log P(k)`` in nats (float64 array of length N).
 
     Uniform dequantization averages ``n_draws`` seeded estimates (each a lower bound of log P(k));
-    deterministic given ``seed`` and ``batch_size`` (``start_index``: see :func:`log_likelihood_terms`).
+    deterministic given ``seed``, whatever the batching (``start_index``: see :func:`log_likelihood_terms`).
     """
     return log_likelihood_terms(
         model, images, n_draws, seed, dequantization, batch_size, device, progress, start_index=start_index

@@ -285,3 +285,13 @@ def test_config_validation_messages():
         flowcore.build({"arch": "realnvp", "image_shape": [1, 28, 28], "scales": 4})
     with pytest.raises(ValueError, match="unknown config keys"):
         flowcore.build({"arch": "realnvp", "widht": 3})
+
+
+def test_likelihood_does_not_depend_on_batching():
+    model = _trained_like()
+    k = np.random.default_rng(1).integers(0, 256, size=(7, 4, 4), dtype=np.uint8)
+    whole = flowcore.log_likelihood_nats(model, k, n_draws=2, seed=3, batch_size=256)
+    np.testing.assert_allclose(flowcore.log_likelihood_nats(model, k, n_draws=2, seed=3, batch_size=3), whole,
+                               rtol=0, atol=1e-4)
+    one = [flowcore.log_likelihood_nats(model, k[i : i + 1], n_draws=2, seed=3, start_index=i)[0] for i in range(7)]
+    np.testing.assert_allclose(one, whole, rtol=0, atol=1e-4)

@@ -1,0 +1,611 @@
+"""Dashboard state: cached model loading, the inputs shared by every page, cached per-image analysis.
+
+Models are loaded once per process (``st.cache_resource``, keyed by the checkpoint's folder and the
+modification times of its files, so a re-exported checkpoint is picked up). Every per-image result is
+cached with ``st.cache_data``, keyed by the image bytes / arrays, the checkpoint and the options. The
+maths all lives in :mod:`flowcore`; this module only calls it and keeps the results.
+
+Inputs live in ``st.session_state``: the sidebar uploader's files plus images added from the gallery,
+the model's samples, the drawing canvas or the perturbation explorer (all kept as encoded bytes, so
+every input goes through :func:`flowcore.images.decode_image` and :func:`flowcore.images.preprocess`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import streamlit as st
+from PIL import Image, ImageFilter
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import flowcore
+from flowcore.checkpoints import CheckpointError, checkpoints_dir, list_checkpoints, read_config, resolve
+from flowcore.data import DATASETS, DatasetNotFound, load_images
+from flowcore.evaluate import auroc_table, default_ood_sets, load_reference, set_label
+from flowcore.images import ImageError, decode_image, preprocess
+from flowcore.inspection import default_box, receptive_field_size
+from flowcore.likelihood import nats_to_bpd
+from flowcore.scores import SCORE_NAMES, compute_scores
+
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "IMAGE_TYPES",
+    "InputImage",
+    "Prepared",
+    "NoCheckpoint",
+    "run_page",
+    "one_line",
+    "no_checkpoint_message",
+    "checkpoint_options",
+    "default_checkpoint",
+    "selected_checkpoint",
+    "need_checkpoint",
+    "stamp",
+    "model",
+    "config",
+    "reference",
+    "background_name",
+    "arch_summary",
+    "count_parameters",
+    "has_batchnorm",
+    "auroc_rows",
+    "reference_scores",
+    "reference_sets",
+    "score_values",
+    "to_units",
+    "image_shape",
+    "encode_png",
+    "prepare",
+    "all_inputs",
+    "add_inputs",
+    "remove_input",
+    "clear_added",
+    "prepared_inputs",
+    "preprocessing_options",
+    "show_input_errors",
+    "current_image",
+    "gallery_sets",
+    "gallery_images",
+    "samples",
+    "scores",
+    "latent_map",
+    "trace",
+    "jacobian",
+    "footprint",
+    "rf_size",
+    "resampled",
+    "box_default",
+    "perturb",
+    "thumbnail",
+]
+
+DEFAULT_CHECKPOINT = "fashion_realnvp"
+IMAGE_TYPES = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif", "tiff"]
+ADDED_KEY = "added_inputs"
+UPLOAD_KEY = "uploads"
+CHECKPOINT_KEY = "checkpoint"
+CURRENT_KEY = "current_input"
+INVERT_KEY = "invert"
+FIT_KEY = "fit"
+DISPLAY_MAX = 256  # preprocessing steps larger than this are shown downscaled
+
+
+# ------------------------------------------------------------------------------------------ page guard
+
+
+class NoCheckpoint(Exception):
+    """No checkpoint to show (the page already said so)."""
+
+
+def one_line(e: BaseException) -> str:
+    """An exception as one short line for ``st.error``."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+def run_page(body: Callable[[], None]) -> None:
+    """Run a page body; expected failures become one ``st.error`` line, never a traceback."""
+    try:
+        body()
+    except NoCheckpoint:
+        pass
+    except (ImageError, CheckpointError, DatasetNotFound) as e:
+        st.error(one_line(e))
+    except (ValueError, IndexError, OSError) as e:
+        st.error(f"Cannot show this view: {one_line(e)}")
+    except Exception as e:  # an unexpected failure: a friendly line, the detail folded away, no traceback
+        st.error("This view hit an unexpected problem. Try another image, model or setting.")
+        with st.expander("Details"):
+            st.code(f"{type(e).__name__}: {one_line(e)}", language=None)
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
+
+
+def no_checkpoint_message() -> str:
+    return (
+        f"No checkpoint found in `{checkpoints_dir()}`. Train one with "
+        "`flowcore train configs/fashion_realnvp.json`, then compute its reference statistics with "
+        "`flowcore evaluate fashion_realnvp` (or point `FLOWCORE_CHECKPOINTS` at a folder of checkpoints)."
+    )
+
+
+def checkpoint_options() -> list[str]:
+    """Every checkpoint in the checkpoints folder, plus ``$FLOWCORE_DEFAULT_CHECKPOINT`` if it is a path."""
+    names = list_checkpoints()
+    env = os.environ.get("FLOWCORE_DEFAULT_CHECKPOINT")
+    if env and env not in names:
+        try:
+            folder = resolve(env)
+        except CheckpointError:
+            folder = None
+        if folder is not None and (folder / "config.json").is_file():
+            names.append(env)
+    return names
+
+
+def default_checkpoint(options: Sequence[str]) -> str | None:
+    """``$FLOWCORE_DEFAULT_CHECKPOINT``, else ``fashion_realnvp``, else the first one (None if none)."""
+    for candidate in (os.environ.get("FLOWCORE_DEFAULT_CHECKPOINT"), DEFAULT_CHECKPOINT):
+        if candidate and candidate in options:
+            return candidate
+    return options[0] if options else None
+
+
+def selected_checkpoint() -> str | None:
+    """The checkpoint picked in the sidebar (or the default one before the sidebar ran)."""
+    options = checkpoint_options()
+    name = st.session_state.get(CHECKPOINT_KEY)
+    return name if name in options else default_checkpoint(options)
+
+
+def need_checkpoint() -> str:
+    """The selected checkpoint; without one, say how to get one and stop the page."""
+    name = selected_checkpoint()
+    if name is None:
+        st.warning(no_checkpoint_message())
+        raise NoCheckpoint
+    return name
+
+
+def stamp(name: str) -> str:
+    """Cache key of a checkpoint: its folder and the modification times of its files."""
+    folder = resolve(name)
+    parts = [str(folder.resolve())]
+    for f in ("model.safetensors", "config.json", "reference.npz"):
+        p = folder / f
+        parts.append(str(p.stat().st_mtime_ns) if p.is_file() else "-")
+    return "|".join(parts)
+
+
+@st.cache_resource(show_spinner="Loading model...", max_entries=8)
+def _load_model(name: str, key: str) -> nn.Module:
+    return flowcore.load(name)
+
+
+def model(name: str) -> nn.Module:
+    """The checkpoint's model, loaded once per process (eval mode, CPU)."""
+    return _load_model(name, stamp(name))
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def _config(name: str, key: str) -> dict[str, Any]:
+    return read_config(name)
+
+
+def config(name: str) -> dict[str, Any]:
+    """The checkpoint's ``config.json``."""
+    return _config(name, stamp(name))
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def _reference(name: str, key: str) -> dict[str, np.ndarray]:
+    return load_reference(name)
+
+
+def reference(name: str) -> dict[str, np.ndarray]:
+    """The checkpoint's per-image reference scores (``{}`` before ``flowcore evaluate``)."""
+    return _reference(name, stamp(name))
+
+
+def background_name(name: str) -> str | None:
+    """The background model of a likelihood-ratio checkpoint, if any."""
+    bg = config(name).get("background")
+    return str(bg) if bg else None
+
+
+def image_shape(name: str) -> tuple[int, int, int]:
+    shape = config(name)["model"].get("image_shape")
+    if not shape or len(shape) != 3:
+        raise CheckpointError(f"{name} is not an image model (no image_shape in config.json)")
+    return tuple(int(v) for v in shape)
+
+
+def arch_summary(model_cfg: dict[str, Any]) -> str:
+    """One line describing the architecture in ``config.json``'s ``model`` section."""
+    arch = model_cfg.get("arch", "?")
+    shape = "x".join(str(v) for v in model_cfg.get("image_shape") or [])
+    hidden, blocks = model_cfg.get("hidden"), model_cfg.get("blocks")
+    if arch == "glow":
+        text = f"Glow, {model_cfg.get('scales')} scales x {model_cfg.get('steps')} steps, st-net width {hidden}"
+    elif arch == "realnvp":
+        mask = model_cfg.get("mask", "checkerboard")
+        if mask == "checkerboard":
+            text = f"RealNVP, {model_cfg.get('scales')} scales, checkerboard + channel masks"
+        else:
+            text = f"RealNVP, single scale, {model_cfg.get('couplings')} {mask} couplings"
+        text += f", ResNet st-net {hidden} ch x {blocks} blocks"
+    else:
+        text = str(arch)
+    if model_cfg.get("bottleneck"):
+        text += f", bottleneck {model_cfg['bottleneck']}"
+    return f"{text}; input {shape}" if shape else text
+
+
+def count_parameters(m: nn.Module) -> int:
+    return int(sum(p.numel() for p in m.parameters()))
+
+
+def has_batchnorm(m: nn.Module) -> bool:
+    return any(isinstance(mod, _BatchNorm) for mod in m.modules())
+
+
+def auroc_rows(name: str) -> list[dict[str, Any]]:
+    """AUROC table rows ``{score, <ood set>: value, ...}``: config.json's summary, else computed."""
+    table = (config(name).get("reference") or {}).get("auroc") or {}
+    if not table:
+        ref = reference(name)
+        table = auroc_table(ref) if ref else {}
+    return [{"score": score, **{s: float(v) for s, v in row.items()}} for score, row in table.items()]
+
+
+def reference_scores(name: str) -> list[str]:
+    """Scores with in-distribution reference values, in the order of :data:`SCORE_NAMES`."""
+    ref = reference(name)
+    return [s for s in SCORE_NAMES if f"test__{s}" in ref]
+
+
+def reference_sets(name: str, score: str = "likelihood") -> list[str]:
+    """Sets with values of ``score``: train, test, then the OOD sets."""
+    ref = reference(name)
+    sets = [k.split("__")[0] for k in ref if k.endswith(f"__{score}")]
+    order = {"train": 0, "test": 1}
+    return sorted(dict.fromkeys(sets), key=lambda s: (order.get(s, 2), s))
+
+
+def to_units(values: np.ndarray | float, score: str, units: str, dims: int) -> np.ndarray | float:
+    """Likelihoods in ``units`` ("nats" or "bpd"); other scores unchanged."""
+    if score == "likelihood" and units == "bpd":
+        return nats_to_bpd(values, dims)
+    return values
+
+
+def score_values(name: str, score: str, units: str = "nats") -> dict[str, np.ndarray]:
+    """``{set: values}`` of one score from the reference, likelihood in ``units``."""
+    ref = reference(name)
+    dims = int(np.prod(image_shape(name)))
+    return {s: np.asarray(to_units(ref[f"{s}__{score}"], score, units, dims)) for s in reference_sets(name, score)}
+
+
+# --------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """One input: encoded image bytes, where it came from, and whether it is taken as is (never inverted)."""
+
+    name: str
+    data: bytes = field(repr=False)
+    source: str = "upload"
+    as_is: bool = False
+
+    @property
+    def key(self) -> str:
+        return hashlib.sha1(self.data).hexdigest()[:16] + ":" + self.name
+
+
+@dataclass
+class Prepared:
+    """What the model is given for one input: the uint8 array and each preprocessing step (for display)."""
+
+    array: np.ndarray
+    steps: list[tuple[str, np.ndarray]]
+    inverted: bool
+    size: tuple[int, int]
+    format: str
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 ``(H, W)`` / ``(H, W, 3)`` -> PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def thumbnail(array: np.ndarray, size: int = DISPLAY_MAX) -> np.ndarray:
+    """Downscale a large step image for display; small images are enlarged with square pixels."""
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    h, w = a.shape[:2]
+    img = Image.fromarray(a)
+    if max(h, w) > size:
+        scale = size / max(h, w)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+    elif max(h, w) < size // 2:
+        k = max(1, (size // 2) // max(h, w))
+        img = img.resize((w * k, h * k), Image.Resampling.NEAREST)
+    return np.asarray(img)
+
+
+@st.cache_data(show_spinner=False, max_entries=512)
+def prepare(data: bytes, shape: tuple[int, int, int], invert: str = "auto", fit: str = "crop") -> Prepared:
+    """Decode and preprocess one input for a model of ``shape`` (raises ImageError with one clear line)."""
+    img = decode_image(data)
+    p = preprocess(img, shape, invert=invert, fit=fit)
+    try:
+        original = np.asarray(img if img.mode in ("L", "RGB", "RGBA") else img.convert("RGBA"))
+    except (OSError, ValueError):
+        original = p.steps[0][1]
+    label = f"original: {img.format or 'image'} {img.mode} {img.width}x{img.height}"
+    shown = [(label, thumbnail(original))] + [(step, thumbnail(a)) for step, a in p.steps]
+    return Prepared(p.array, shown, p.inverted, (img.width, img.height), img.format or "")
+
+
+def _added() -> list[InputImage]:
+    return st.session_state.setdefault(ADDED_KEY, [])
+
+
+def all_inputs() -> list[InputImage]:
+    """Uploaded files (sidebar) then added images (gallery, samples, drawing, perturbations), no duplicates."""
+    out: list[InputImage] = []
+    for f in st.session_state.get(UPLOAD_KEY) or []:
+        out.append(InputImage(f.name, f.getvalue(), "upload"))
+    out += _added()
+    seen: set[str] = set()
+    unique = []
+    for item in out:
+        if item.key not in seen:
+            seen.add(item.key)
+            unique.append(item)
+    return unique
+
+
+def add_inputs(items: Sequence[InputImage]) -> None:
+    added = _added()
+    keys = {i.key for i in added}
+    added += [i for i in items if i.key not in keys]
+    if items:
+        st.session_state[CURRENT_KEY] = items[0].key
+
+
+def remove_input(key: str) -> None:
+    st.session_state[ADDED_KEY] = [i for i in _added() if i.key != key]
+
+
+def clear_added() -> None:
+    st.session_state[ADDED_KEY] = []
+
+
+def preprocessing_options() -> tuple[str, str]:
+    return st.session_state.get(INVERT_KEY, "auto"), st.session_state.get(FIT_KEY, "crop")
+
+
+def prepared_inputs(
+    shape: tuple[int, int, int], inputs: Sequence[InputImage] | None = None
+) -> tuple[list[tuple[InputImage, Prepared]], list[tuple[str, str]]]:
+    """Every input prepared for ``shape`` and the ``(name, reason)`` of those that cannot be read."""
+    invert, fit = preprocessing_options()
+    good, bad = [], []
+    for item in all_inputs() if inputs is None else inputs:
+        try:
+            good.append((item, prepare(item.data, tuple(shape), "no" if item.as_is else invert, fit)))
+        except ImageError as e:
+            reason = one_line(e)
+            reason = reason[len("image: ") :] if reason.startswith("image: ") else reason
+            bad.append((item.name, reason))
+    return good, bad
+
+
+def show_input_errors(errors: Sequence[tuple[str, str]]) -> None:
+    """One ``st.error`` line per input that cannot be read."""
+    for name, reason in errors:
+        st.error(f"{name}: {reason}")
+
+
+def current_image(name: str) -> tuple[str, np.ndarray]:
+    """The image the single-image views look at: the sidebar's choice, else the first input, else the
+    first in-distribution test image, else one of the model's own samples."""
+    good, _ = prepared_inputs(image_shape(name))
+    if good:
+        wanted = st.session_state.get(CURRENT_KEY)
+        for item, p in good:
+            if item.key == wanted:
+                return item.name, p.array
+        return good[0][0].name, good[0][1].array
+    dataset = config(name).get("dataset")
+    if dataset:
+        try:
+            x = gallery_images(str(dataset), image_shape(name), 1, os.environ.get("FLOWCORE_DATA_DIR"))
+            if len(x):
+                return f"{set_label(str(dataset))} test image 0 (no input chosen)", x[0]
+        except (DatasetNotFound, ValueError, OSError):
+            pass
+    return "model sample (no input chosen, no data found)", samples(name, 1, 0.7, 0)[0]
+
+
+# -------------------------------------------------------------------------------------------- gallery
+
+
+def gallery_sets(name: str) -> list[str]:
+    """The model's dataset, then its OOD sets (config ``ood``, else the paper's defaults)."""
+    cfg = config(name)
+    dataset = cfg.get("dataset")
+    sets = [str(dataset)] if dataset else []
+    ood = cfg.get("ood") or (default_ood_sets(str(dataset), image_shape(name)) if dataset else [])
+    sets += [str(s) for s in ood]
+    known = {set_label(s) for s in sets}
+    sets += [s for s in reference_sets(name) if s in DATASETS and s not in known]
+    return list(dict.fromkeys(sets))
+
+
+@st.cache_data(show_spinner="Loading examples...", max_entries=32)
+def gallery_images(dataset: str, shape: tuple[int, int, int], n: int, data_dir: str | None) -> np.ndarray:
+    """The first ``n`` test images of ``dataset`` fitted to ``shape`` (``data_dir`` only keys the cache)."""
+    return np.ascontiguousarray(load_images(dataset, "test", image_shape=shape)[:n])
+
+
+# --------------------------------------------------------------------------------------- model results
+
+
+@st.cache_data(show_spinner="Sampling...", max_entries=32)
+def _samples(name: str, key: str, n: int, temperature: float, seed: int) -> np.ndarray:
+    return flowcore.sample(model(name), n, temperature=temperature, seed=seed)[1]
+
+
+def samples(name: str, n: int, temperature: float, seed: int) -> np.ndarray:
+    """``n`` uint8 samples of the model at ``temperature``."""
+    return _samples(name, stamp(name), int(n), float(temperature), int(seed))
+
+
+@st.cache_data(show_spinner=False, max_entries=2048)
+def _score_one(name: str, key: str, array: np.ndarray, n_draws: int, seed: int) -> dict[str, float]:
+    bg = background_name(name)
+    ref = reference(name)
+    out = compute_scores(model(name), array[None], ref or None, model(bg) if bg else None, n_draws=n_draws, seed=seed)
+    return {k: float(v[0]) for k, v in out.items()}
+
+
+def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every score of uint8 images, with the reference's draws and seed.
+
+    Images are scored one at a time (and cached one by one): the dequantization noise of an image in
+    a batch depends on its position there, and one image should get one score on every page.
+    """
+    summary = config(name).get("reference") or {}
+    n_draws, seed, key = int(summary.get("n_draws", 1)), int(summary.get("seed", 0)), stamp(name)
+    with st.spinner("Scoring..."):
+        rows = [_score_one(name, key, np.ascontiguousarray(a), n_draws, seed) for a in arrays]
+    if not rows:
+        return {}
+    return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+@st.cache_data(show_spinner="Computing latents...", max_entries=64)
+def _latent_map(name: str, key: str, array: np.ndarray, n_draws: int, batchnorm: str) -> np.ndarray:
+    return flowcore.latents(model(name), array[None], n_draws=n_draws, batchnorm=batchnorm)[0]
+
+
+def latent_map(name: str, array: np.ndarray, n_draws: int = 40, batchnorm: str = "eval") -> np.ndarray:
+    """Latents ``(C, H, W)`` of one image averaged over ``n_draws`` dequantizations."""
+    return _latent_map(name, stamp(name), np.ascontiguousarray(array), int(n_draws), batchnorm)
+
+
+@st.cache_data(show_spinner="Tracing couplings...", max_entries=32)
+def _trace(name: str, key: str, array: np.ndarray) -> list[dict[str, Any]]:
+    records = flowcore.coupling_trace(model(name), array)
+    fields = ("input", "log_s", "scale", "t", "output", "transformed")
+    return [
+        {
+            "name": r.name,
+            "scale_index": r.scale_index,
+            "mask": r.mask,
+            "layer_shape": tuple(r.layer_shape),
+            "log_det": float(r.log_det[0]),
+            **{f: getattr(r, f)[0].numpy() for f in fields},
+        }
+        for r in records
+    ]
+
+
+def trace(name: str, array: np.ndarray) -> list[dict[str, Any]]:
+    """Each coupling layer of one image: name, scale, mask and its (C, H, W) input, log_s, scale, t, output."""
+    return _trace(name, stamp(name), np.ascontiguousarray(array))
+
+
+@st.cache_data(show_spinner="Differentiating...", max_entries=256)
+def _jacobian(name: str, key: str, array: np.ndarray, index: tuple[int, int, int]) -> np.ndarray:
+    return flowcore.jacobian_map(model(name), array, index)
+
+
+def jacobian(name: str, array: np.ndarray, index: tuple[int, int, int]) -> np.ndarray:
+    """``dz[index]/dx`` over the input, shaped ``(C, H, W)``."""
+    return _jacobian(name, stamp(name), np.ascontiguousarray(array), tuple(int(i) for i in index))
+
+
+@st.cache_data(show_spinner="Computing the footprint...", max_entries=32)
+def _footprint(name: str, key: str, array: np.ndarray, n_positions: int, seed: int) -> np.ndarray:
+    shape = image_shape(name)
+    total = int(np.prod(shape))
+    rng = np.random.default_rng(seed)
+    flat = rng.choice(total, size=min(n_positions, total), replace=False)
+    positions = np.stack(np.unravel_index(np.sort(flat), shape), axis=1).tolist()
+    return flowcore.jacobian_footprint(model(name), array, positions)
+
+
+def footprint(name: str, array: np.ndarray, n_positions: int = 64, seed: int = 0) -> np.ndarray:
+    """Mean ``|dz/dx|`` over ``n_positions`` latent positions drawn at random (``(C, H, W)``)."""
+    return _footprint(name, stamp(name), np.ascontiguousarray(array), int(n_positions), int(seed))
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def _rf_size(name: str, key: str, array: np.ndarray, index: tuple[int, int, int], threshold: float) -> int:
+    return receptive_field_size(model(name), array, index, threshold=threshold)
+
+
+def rf_size(name: str, array: np.ndarray, index: tuple[int, int, int], threshold: float = 1e-3) -> int:
+    """Pixels whose influence on ``z[index]`` exceeds ``threshold`` times the largest one."""
+    return _rf_size(name, stamp(name), np.ascontiguousarray(array), tuple(int(i) for i in index), float(threshold))
+
+
+@st.cache_data(show_spinner="Resampling...", max_entries=64)
+def _resampled(
+    name: str, key: str, array: np.ndarray, box: tuple[int, int, int, int], n: int, temperature: float, seed: int
+) -> np.ndarray:
+    return flowcore.resample_patch(model(name), array, box=box, n=n, temperature=temperature, seed=seed)
+
+
+def resampled(
+    name: str, array: np.ndarray, box: tuple[int, int, int, int], n: int, temperature: float, seed: int
+) -> np.ndarray:
+    """``n`` images ``(n, C, H, W)`` in [0, 1] with the latents inside ``box`` redrawn at ``temperature``."""
+    b = tuple(int(v) for v in box)
+    return _resampled(name, stamp(name), np.ascontiguousarray(array), b, int(n), float(temperature), int(seed))
+
+
+def box_default(shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
+    return default_box(shape[1], shape[2])
+
+
+# ---------------------------------------------------------------------------------------- image edits
+
+
+def perturb(
+    image: np.ndarray,
+    noise: float = 0.0,
+    brightness: float = 0.0,
+    contrast: float = 1.0,
+    blur: float = 0.0,
+    invert: bool = False,
+    seed: int = 0,
+) -> np.ndarray:
+    """Edit a uint8 image: Gaussian blur (radius in pixels), contrast about mid-grey, brightness offset,
+    Gaussian pixel noise (std in grey levels), then inversion; rounded and clipped back to uint8."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"perturb needs a uint8 image, got {a.dtype}")
+    if blur > 0:
+        a = np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(radius=float(blur))))
+    x = a.astype(np.float64)
+    x = (x - 127.5) * float(contrast) + 127.5 + float(brightness)
+    if noise > 0:
+        x = x + np.random.default_rng(seed).normal(0.0, float(noise), size=x.shape)
+    out = np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return 255 - out if invert else out

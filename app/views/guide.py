@@ -1,0 +1,61 @@
+"""Guide: what each view shows and which finding of Kirichenko et al. (2020) it demonstrates."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from app import state
+
+GUIDE = """
+A **normalizing flow** turns an image *x* into latents *z* of the same size through a chain of invertible
+layers, and so can compute the exact likelihood of *x*. One would expect a flow trained on clothing
+(Fashion-MNIST) to give handwritten digits (MNIST) a *low* likelihood, and so to detect them as
+out-of-distribution (OOD). It does not: digits get a *higher* likelihood. Kirichenko, Izmailov and Wilson
+(2020), *Why Normalizing Flows Fail to Detect Out-of-Distribution Data*, explain why: flows learn **local
+pixel correlations and generic image transformations**, which every natural image shares, rather than the
+meaning of the images they were trained on. Each view of this dashboard shows one piece of that story.
+
+**Score** (paper Fig. 1, 8). Histograms of the model's likelihood (bits/dim or nats) on its train and test
+images and on OOD sets, with your images as vertical lines; the percentile among test images and a verdict
+at a chosen false-positive rate. Look for: the OOD sets sitting at *lower* bits/dim (higher likelihood)
+than the test set, and AUROC values below 0.5. Other scores (input complexity, typicality, likelihood
+ratio, last-scale density) try to fix this; compare their AUROC with raw likelihood.
+
+**Inputs**. What the model is really given: each preprocessing step of your upload (mode, size, inversion),
+dataset examples, the model's own samples and a drawing canvas. Everything added here is used by every page.
+
+**Compare models**. The same inputs under two checkpoints (e.g. RealNVP and Glow): the failure is shared by
+both families.
+
+**Perturbation explorer**. Noise, brightness, contrast, blur and inversion with a live likelihood curve.
+Look for: noise makes any image much less likely; smoothing often makes it *more* likely. The likelihood
+measures local smoothness, not content.
+
+**Latents** (Fig. 10). The input next to its latents *z*, pixel by pixel. Look for: *z* still looks like the
+image. The flow has not abstracted away from pixels. With BatchNorm in train mode the structure is clearer.
+
+**Coupling layers** (Fig. 11, 13). Each coupling's input, scale *s*, shift *t* and output. Look for: *s* and
+*t* are edge maps or shifted copies of the image: the layers predict a pixel from its neighbours
+("coupling layer co-adaptation"), whatever the image shows.
+
+**Receptive field** (Fig. 12). Click a latent to see which input pixels it depends on. Look for: a small
+neighbourhood around the same pixel. Local structure dominates the likelihood.
+
+**Patch resampling** (Fig. 17). Redraw the latents inside a box and invert. Look for: only the box
+changes, filled in to match its surroundings; latents store local, not global, information.
+
+**Samples** (Fig. 18). Images drawn from the model at a temperature, with their likelihood.
+
+*Bits per dimension* (bpd) = -log2 P(x) divided by the number of pixel values; lower means more likely.
+*AUROC* = the probability that a random in-distribution test image scores higher than a random OOD image:
+1 is perfect detection, 0.5 is chance, below 0.5 means the OOD images look *more* in-distribution.
+"""
+
+
+def main() -> None:
+    st.title("Guide")
+    st.caption("A short classroom tour: what each view shows and which finding of the paper it demonstrates.")
+    st.markdown(GUIDE)
+
+
+state.run_page(main)

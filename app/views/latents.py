@@ -1,0 +1,45 @@
+"""Latents: the input next to its latent representation z in image layout (paper Fig. 10)."""
+
+from __future__ import annotations
+
+import numpy as np
+import streamlit as st
+
+from app import figures, state
+
+
+def main() -> None:
+    name = state.need_checkpoint()
+    st.title("Latents")
+    st.caption(
+        "The flow maps an image x to latents z of the same size, laid out here at the pixel each latent "
+        "belongs to. The paper's Fig. 10: z still looks like the image, so the flow has not abstracted away "
+        "from pixels: it models local pixel correlations, which every natural image shares, and that is why "
+        "OOD images can get a high likelihood. With BatchNorm in train mode (statistics of the batch instead "
+        "of the training set) the structure in z is much clearer."
+    )
+    label, image = state.current_image(name)
+    m = state.model(name)
+    c1, c2 = st.columns(2)
+    n_draws = c1.slider("Dequantization draws averaged", 1, 100, 40, key="latent_draws")
+    bn = state.has_batchnorm(m)
+    train_mode = c2.toggle(
+        "BatchNorm in train mode",
+        value=False,
+        key="latent_bn",
+        disabled=not bn,
+        help="Normalise the st-networks with the statistics of this image instead of the running ones."
+        if bn
+        else "This model has no BatchNorm (Glow uses ActNorm).",
+    )
+    z = state.latent_map(name, image, n_draws, "train" if train_mode and bn else "eval")
+    st.plotly_chart(figures.latent_figure(image, z), key="latent_fig")
+    finite = z[np.isfinite(z)]
+    st.caption(
+        f"{label}. z averaged over {n_draws} draws of dequantization noise; "
+        f"mean {finite.mean():.3f}, std {finite.std():.3f} (a standard normal has 0 and 1). "
+        "Blue negative, red positive; hover for values."
+    )
+
+
+state.run_page(main)

@@ -1,0 +1,329 @@
+"""Dashboard tests: every page under Streamlit's AppTest with a tiny checkpoint, and the figure builders.
+
+The tiny checkpoint (RealNVP, hidden 4, 1 block, 1x28x28) is built, saved and evaluated against synthetic
+npz data in a temporary folder; ``FLOWCORE_CHECKPOINTS`` and ``FLOWCORE_DATA_DIR`` point there.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import plotly.graph_objects as go
+import pytest
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("streamlit")
+pytest.importorskip("plotly")
+
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from app import figures, state  # noqa: E402
+
+HOME = ROOT / "app" / "Home.py"
+TIMEOUT = 60
+TINY = {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 4, "blocks": 1, "scales": 2}
+
+
+# ------------------------------------------------------------------------------------------- fixtures
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_tiny_setup(root: Path) -> tuple[Path, Path]:
+    """Synthetic Fashion-like / MNIST-like npz data and an evaluated tiny checkpoint ``fashion_realnvp``,
+    plus a copy ``fashion_copy`` and a checkpoint without reference statistics ``noref``."""
+    import flowcore
+    from flowcore.evaluate import evaluate
+
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[:28, :28]
+    blob = np.exp(-((yy - 14) ** 2 + (xx - 14) ** 2) / 40.0) * 200
+
+    def fashion(n: int) -> np.ndarray:
+        return np.clip(blob[None] + rng.normal(0, 20, (n, 28, 28)), 0, 255).astype(np.uint8)
+
+    def digits(n: int) -> np.ndarray:
+        return ((rng.random((n, 28, 28)) < 0.1) * 255).astype(np.uint8)
+
+    np.savez(
+        data / "fashion_mnist.npz", x_train=fashion(40), y_train=np.zeros(40), x_test=fashion(16), y_test=np.zeros(16)
+    )
+    np.savez(data / "mnist.npz", x_train=digits(8), y_train=np.zeros(8), x_test=digits(16), y_test=np.zeros(16))
+
+    ckpts = root / "checkpoints"
+    model = flowcore.build(TINY)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    folder = ckpts / "fashion_realnvp"
+    flowcore.save(model, folder, name="fashion_realnvp", dataset=f"npz:{data / 'fashion_mnist.npz'}", ood=["mnist"])
+    evaluate(folder, data_dir=str(data), ood=[f"npz:{data / 'mnist.npz'}"], train_subset=32)
+    shutil.copytree(folder, ckpts / "fashion_copy")
+    noref = ckpts / "noref"
+    noref.mkdir()
+    shutil.copy(folder / "model.safetensors", noref / "model.safetensors")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.pop("reference", None)
+    cfg["name"] = "noref"
+    (noref / "config.json").write_text(json.dumps(cfg))
+    return ckpts, data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    root = tmp_path_factory.mktemp("flowcore_app")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOWCORE_CHECKPOINTS", str(root / "checkpoints"))
+        mp.setenv("FLOWCORE_DATA_DIR", str(root / "data"))
+        mp.delenv("FLOWCORE_DEFAULT_CHECKPOINT", raising=False)
+        yield make_tiny_setup(root)
+
+
+@pytest.fixture
+def env(tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    ckpts, data = tiny
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(ckpts))
+    monkeypatch.setenv("FLOWCORE_DATA_DIR", str(data))
+    monkeypatch.delenv("FLOWCORE_DEFAULT_CHECKPOINT", raising=False)
+    return tiny
+
+
+def start() -> AppTest:
+    at = AppTest.from_file(str(HOME), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def texts(at: AppTest) -> str:
+    parts = [e.value for kind in ("markdown", "caption", "title", "subheader") for e in at.get(kind)]
+    return "\n".join(str(p) for p in parts)
+
+
+def test_home_shows_model_picker_card_and_histogram(env: tuple[Path, Path]) -> None:
+    at = start()
+    picker = at.sidebar.selectbox(key=state.CHECKPOINT_KEY)
+    assert picker.value == "fashion_realnvp"
+    assert set(picker.options) >= {"fashion_realnvp (fashion_mnist, realnvp)", "noref (fashion_mnist, realnvp)"}
+    card = "\n".join(m.value for m in at.sidebar.markdown)
+    assert "RealNVP" in card and "Parameters" in card and "Test bpd" in card
+    assert at.sidebar.get("file_uploader")
+    assert at.title[0].value == "Score"
+    assert len(at.get("plotly_chart")) >= 1
+    assert at.dataframe, "AUROC table missing"
+    assert not at.error
+
+
+def test_upload_scores_and_corrupt_file_gives_clear_error(env: tuple[Path, Path]) -> None:
+    at = start()
+    good = png_bytes((np.random.default_rng(1).random((40, 30)) * 255).astype(np.uint8))
+    at.file_uploader(key=state.UPLOAD_KEY).set_value(
+        [("shirt.png", good, "image/png"), ("broken.png", b"this is not an image", "image/png")]
+    )
+    at.run()
+    assert not at.exception, at.exception
+    errors = [e.value for e in at.error]
+    assert any(e.startswith("broken.png:") and "not a PNG, JPEG" in e for e in errors), errors
+    assert not any("Traceback" in e for e in errors)
+    labels = [m.label for m in at.metric]
+    assert "bits/dim" in labels and "log-likelihood (nats)" in labels
+    assert any(m.value in ("OOD", "in-distribution") for m in at.metric)
+    tables = [d.value for d in at.dataframe if "image" in d.value.columns]
+    assert len(tables) == 1 and list(tables[0]["image"]) == ["shirt.png"]
+    assert at.get("download_button")
+    assert len(at.get("plotly_chart")) >= 1
+
+
+VIEWS = {
+    "score": 1,
+    "inputs": 0,
+    "compare": 2,
+    "perturb": 2,
+    "latents": 1,
+    "couplings": 1,
+    "receptive_field": 2,
+    "resampling": 1,
+    "samples": 1,
+    "guide": 0,
+}
+
+
+@pytest.mark.parametrize("view", list(VIEWS))
+def test_each_view_runs_with_an_input(env: tuple[Path, Path], view: str) -> None:
+    at = start()
+    x = (np.random.default_rng(2).random((28, 28)) * 255).astype(np.uint8)
+    at.session_state[state.ADDED_KEY] = [state.InputImage("noise.png", png_bytes(x), "upload")]
+    at.switch_page(f"views/{view}.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) >= VIEWS[view]
+    assert at.title, "every view has a title"
+    if view == "guide":
+        assert "Kirichenko" in texts(at)
+    if view == "inputs":
+        captions = [c for img in at.get("image") for c in img.captions]
+        assert any(c.startswith("original: PNG") for c in captions), captions
+        assert "final 28x28x1 uint8" in captions
+
+
+def test_views_without_inputs_use_a_test_image(env: tuple[Path, Path]) -> None:
+    at = start()
+    for view in ("latents", "resampling"):
+        at.switch_page(f"views/{view}.py").run()
+        assert not at.exception, at.exception
+        assert "test image 0" in texts(at)
+
+
+def test_gallery_button_adds_inputs(env: tuple[Path, Path]) -> None:
+    at = start()
+    at.switch_page("views/inputs.py").run()
+    buttons = [b for b in at.button if b.label.startswith("Add these")]
+    assert buttons, "gallery has an add button per available set"
+    buttons[0].click().run()
+    assert not at.exception, at.exception
+    added = at.session_state[state.ADDED_KEY]
+    assert len(added) == 8 and all(i.as_is for i in added)
+    current = at.sidebar.selectbox(key=state.CURRENT_KEY)
+    assert len(current.options) == 8
+
+
+def test_receptive_field_number_inputs(env: tuple[Path, Path]) -> None:
+    at = start()
+    at.switch_page("views/receptive_field.py").run()
+    at.number_input(key="rf_h").set_value(3)
+    at.number_input(key="rf_w").set_value(25)
+    at.run()
+    assert not at.exception, at.exception
+    assert "row 3, column 25" in texts(at)
+
+
+def test_batchnorm_toggle_and_score_selector(env: tuple[Path, Path]) -> None:
+    at = start()
+    at.switch_page("views/latents.py").run()
+    at.toggle(key="latent_bn").set_value(True).run()
+    assert not at.exception, at.exception
+    at.switch_page("views/score.py").run()
+    assert "complexity_png" in " ".join(at.selectbox(key="score_choice").options)
+    at.selectbox(key="score_choice").set_value("complexity_png")
+    at.radio(key="score_units").set_value("nats")
+    at.run()
+    assert not at.exception, at.exception
+    assert len(at.get("plotly_chart")) == 2
+
+
+def test_checkpoint_without_reference_says_how_to_evaluate(
+    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLOWCORE_DEFAULT_CHECKPOINT", "noref")
+    at = start()
+    assert at.sidebar.selectbox(key=state.CHECKPOINT_KEY).value == "noref"
+    assert any("flowcore evaluate noref" in w.value for w in at.warning)
+    at.switch_page("views/compare.py").run()
+    assert not at.exception, at.exception
+
+
+def test_no_checkpoint_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(tmp_path / "empty"))
+    monkeypatch.delenv("FLOWCORE_DEFAULT_CHECKPOINT", raising=False)
+    at = start()
+    warnings = " ".join(w.value for w in at.warning)
+    assert "flowcore train" in warnings and "flowcore evaluate" in warnings
+    at.switch_page("views/latents.py").run()
+    assert not at.exception, at.exception
+    assert at.warning
+
+
+# ---------------------------------------------------------------------------------------- figures
+
+
+def test_histogram_traces() -> None:
+    sets = {"train": np.arange(10.0), "test": np.arange(5.0), "mnist": np.arange(7.0) + 3}
+    fig = figures.histogram(sets, [("a.png", 2.5), ("nan.png", float("nan"))], xlabel="bpd")
+    assert isinstance(fig, go.Figure)
+    hists = [t for t in fig.data if isinstance(t, go.Histogram)]
+    lines = [t for t in fig.data if isinstance(t, go.Scatter)]
+    assert [h.name.split(" ")[0] for h in hists] == ["train", "test", "mnist"]
+    assert "median" in hists[0].name
+    assert len(lines) == 1 and lines[0].name == "a.png" and lines[0].yaxis == "y2"
+    assert tuple(lines[0].x) == (2.5, 2.5)
+    assert len(fig.layout.shapes) == 3  # median lines
+    assert hists[0].xbins.size == hists[2].xbins.size  # shared bins
+
+
+def test_image_panels() -> None:
+    gray = [np.zeros((28, 28), np.uint8), np.ones((1, 28, 28)) * 0.5]
+    fig = figures.image_grid(gray, ["a", "b"], cols=2, box=(9, 9, 9, 9))
+    assert [type(t) for t in fig.data] == [go.Heatmap, go.Heatmap]
+    assert fig.data[0].zmax == 255 and fig.data[1].zmax == 1.0
+    assert len(fig.layout.shapes) == 2
+    rgb = figures.image_grid([np.zeros((32, 32, 3), np.uint8), np.zeros((3, 32, 32))])
+    assert [type(t) for t in rgb.data] == [go.Image, go.Image]
+    assert figures.to_display(np.zeros((3, 8, 8))).shape == (8, 8, 3)
+    assert figures.to_display(np.zeros((1, 8, 8))).shape == (8, 8)
+
+
+def test_latent_and_coupling_figures() -> None:
+    z = np.random.default_rng(0).normal(size=(1, 8, 8))
+    fig = figures.latent_figure(np.zeros((8, 8), np.uint8), z)
+    assert len(fig.data) == 2 and fig.data[1].colorscale is not None and fig.data[1].zmin == -fig.data[1].zmax
+    half = np.where(np.indices((8, 8)).sum(0) % 2 == 0, np.nan, 1.0)
+    records = [(f"layer{i}", {"input": z[0], "log_s": half, "t": half, "output": z[0]}) for i in range(3)]
+    grid = figures.coupling_grid(records)
+    assert len(grid.data) == 12 and all(isinstance(t, go.Heatmap) for t in grid.data)
+    assert np.isnan(np.asarray(grid.data[1].z, dtype=float)).sum() == 32
+    titles = [a.text for a in grid.layout.annotations]
+    assert titles[:4] == ["layer0 · input", "layer0 · log_s", "layer0 · t", "layer0 · output"]
+
+
+def test_picker_jacobian_and_curve() -> None:
+    z = np.zeros((6, 5))
+    pick = figures.latent_picker(z, position=(2, 3))
+    assert isinstance(pick.data[0], go.Heatmap)
+    assert len(pick.data[1].x) == 30  # one clickable point per latent
+    assert tuple(pick.data[2].x) == (3,) and tuple(pick.data[2].y) == (2,)
+    jac = figures.jacobian_figure(np.zeros((6, 5), np.uint8), np.ones((6, 5)), (2, 3), np.ones((6, 5)))
+    assert sum(isinstance(t, go.Heatmap) for t in jac.data) == 3
+    assert sum(isinstance(t, go.Scatter) for t in jac.data) == 3  # the marker on each panel
+    assert jac.data[2].zmin == 0.0 and jac.data[2].zmax == 1.0
+    logged = figures.jacobian_figure(np.zeros((6, 5), np.uint8), np.full((6, 5), 100.0), log=True)
+    assert np.allclose(np.asarray(logged.data[1].z, dtype=float), 2.0) and logged.data[1].zmax == 2.0
+    c = figures.curve([0, 1, 2], [3.0, 2.0, 1.0], "noise", "bpd", current=1, hlines=[("test median", 2.0)])
+    assert len(c.data) == 1 and list(c.data[0].y) == [3.0, 2.0, 1.0]
+    assert len(c.layout.shapes) == 2
+
+
+def test_perturb_and_helpers() -> None:
+    x = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
+    assert np.array_equal(state.perturb(x), x)
+    assert np.array_equal(state.perturb(x, invert=True), 255 - x)
+    bright = state.perturb(x, brightness=300)
+    assert bright.dtype == np.uint8 and bright.min() == 255
+    flat = state.perturb(x, contrast=0.0)
+    assert np.all(flat == 128)
+    noisy = state.perturb(x, noise=10, seed=3)
+    assert np.array_equal(noisy, state.perturb(x, noise=10, seed=3)) and not np.array_equal(noisy, x)
+    assert state.perturb(x, blur=2.0).std() < x.std()
+    with pytest.raises(ValueError):
+        state.perturb(x.astype(np.float32))
+    assert "RealNVP, 2 scales" in state.arch_summary(TINY)
+    assert "Glow" in state.arch_summary({"arch": "glow", "image_shape": [3, 32, 32], "scales": 3, "steps": 8})
+    assert state.thumbnail(np.zeros((28, 28), np.uint8)).shape == (112, 112)
+    assert max(state.thumbnail(np.zeros((1000, 500, 3), np.uint8)).shape[:2]) == 256
