@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from flowcore.config import describe_architecture
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -47,7 +49,7 @@ def model_card(name: str) -> None:
     ood = ", ".join(set_label(str(s)) for s in cfg.get("ood") or []) or "-"
     lines = [
         f"**Data**: {set_label(str(cfg.get('dataset', 'unknown')))}; OOD sets: {ood}",
-        f"**Architecture**: {state.arch_summary(cfg['model'])}",
+        f"**Architecture**: {describe_architecture(cfg['model'])}",
         f"**Parameters**: {state.count_parameters(state.model(name)):,}",
     ]
     if ref:

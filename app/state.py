@@ -52,7 +52,6 @@ __all__ = [
     "config",
     "reference",
     "background_name",
-    "arch_summary",
     "count_parameters",
     "has_batchnorm",
     "auroc_rows",
@@ -226,27 +225,6 @@ def image_shape(name: str) -> tuple[int, int, int]:
     if not shape or len(shape) != 3:
         raise CheckpointError(f"{name} is not an image model (no image_shape in config.json)")
     return tuple(int(v) for v in shape)
-
-
-def arch_summary(model_cfg: dict[str, Any]) -> str:
-    """One line describing the architecture in ``config.json``'s ``model`` section."""
-    arch = model_cfg.get("arch", "?")
-    shape = "x".join(str(v) for v in model_cfg.get("image_shape") or [])
-    hidden, blocks = model_cfg.get("hidden"), model_cfg.get("blocks")
-    if arch == "glow":
-        text = f"Glow, {model_cfg.get('scales')} scales x {model_cfg.get('steps')} steps, st-net width {hidden}"
-    elif arch == "realnvp":
-        mask = model_cfg.get("mask", "checkerboard")
-        if mask == "checkerboard":
-            text = f"RealNVP, {model_cfg.get('scales')} scales, checkerboard + channel masks"
-        else:
-            text = f"RealNVP, single scale, {model_cfg.get('couplings')} {mask} couplings"
-        text += f", ResNet st-net {hidden} ch x {blocks} blocks"
-    else:
-        text = str(arch)
-    if model_cfg.get("bottleneck"):
-        text += f", bottleneck {model_cfg['bottleneck']}"
-    return f"{text}; input {shape}" if shape else text
 
 
 def count_parameters(m: nn.Module) -> int:

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from flowcore.checkpoints import checkpoints_dir, list_checkpoints, read_config
+from flowcore.config import describe_architecture
 from flowcore.evaluate import auroc_table, load_reference
 from flowcore.scores import SCORE_DESCRIPTIONS
 
@@ -34,15 +35,6 @@ PAPER = {
 }
 
 
-def _arch_summary(m: dict) -> str:
-    if m["arch"] == "glow":
-        return f"Glow, {m['scales']} scales x {m['steps']} steps, hidden {m['hidden']}"
-    if m["arch"] == "realnvp" and m["mask"] != "checkerboard":
-        return f"RealNVP single-scale, {m['couplings']} {m['mask']} couplings, ResNet {m['blocks']}x{m['hidden']}"
-    extra = f", bottleneck l={m['bottleneck']}" if m.get("bottleneck") else ""
-    return f"RealNVP multi-scale ({m['scales']} scales), ResNet {m['blocks']} blocks x {m['hidden']}{extra}"
-
-
 def _params(name: str) -> int:
     import flowcore
 
@@ -59,7 +51,7 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     m, t, ref = cfg["model"], cfg.get("training", {}), cfg.get("reference")
     size_mb = (checkpoints_dir() / name / "model.safetensors").stat().st_size / 1e6
     lines = [f"### `{name}`", ""]
-    lines.append(f"- Architecture: {_arch_summary(m)}; {_params(name):,} parameters ({size_mb:.1f} MB)")
+    lines.append(f"- Architecture: {describe_architecture(m)}; {_params(name):,} parameters ({size_mb:.1f} MB)")
     lines.append(
         f"- Training: {t.get('dataset', cfg.get('dataset'))} ({t.get('train_images', '?')} images), "
         f"{t.get('epochs_completed', '?')} epochs, {t.get('images_seen', '?')} images seen, "

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["FlowConfig", "as_config"]
+__all__ = ["FlowConfig", "as_config", "describe_architecture"]
 
 ARCHS = ("realnvp", "glow", "realnvp_tabular")
 MASKS = ("checkerboard", "horizontal", "cycle")
@@ -83,3 +83,24 @@ def as_config(config: FlowConfig | dict[str, Any]) -> FlowConfig:
     if isinstance(config, FlowConfig):
         return config
     return FlowConfig.from_dict(dict(config))
+
+
+def describe_architecture(model_cfg: dict[str, Any]) -> str:
+    """One line describing the architecture in ``config.json``'s ``model`` section."""
+    arch = model_cfg.get("arch", "?")
+    shape = "x".join(str(v) for v in model_cfg.get("image_shape") or [])
+    hidden, blocks = model_cfg.get("hidden"), model_cfg.get("blocks")
+    if arch == "glow":
+        text = f"Glow, {model_cfg.get('scales')} scales x {model_cfg.get('steps')} steps, st-net width {hidden}"
+    elif arch == "realnvp":
+        mask = model_cfg.get("mask", "checkerboard")
+        if mask == "checkerboard":
+            text = f"RealNVP, {model_cfg.get('scales')} scales, checkerboard + channel masks"
+        else:
+            text = f"RealNVP, single scale, {model_cfg.get('couplings')} {mask} couplings"
+        text += f", ResNet st-net {hidden} ch x {blocks} blocks"
+    else:
+        text = str(arch)
+    if model_cfg.get("bottleneck"):
+        text += f", bottleneck {model_cfg['bottleneck']}"
+    return f"{text}; input {shape}" if shape else text

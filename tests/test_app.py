@@ -19,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
+from flowcore.config import describe_architecture
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -323,7 +325,7 @@ def test_perturb_and_helpers() -> None:
     assert state.perturb(x, blur=2.0).std() < x.std()
     with pytest.raises(ValueError):
         state.perturb(x.astype(np.float32))
-    assert "RealNVP, 2 scales" in state.arch_summary(TINY)
-    assert "Glow" in state.arch_summary({"arch": "glow", "image_shape": [3, 32, 32], "scales": 3, "steps": 8})
+    assert "RealNVP, 2 scales" in describe_architecture(TINY)
+    assert "Glow" in describe_architecture({"arch": "glow", "image_shape": [3, 32, 32], "scales": 3, "steps": 8})
     assert state.thumbnail(np.zeros((28, 28), np.uint8)).shape == (112, 112)
     assert max(state.thumbnail(np.zeros((1000, 500, 3), np.uint8)).shape[:2]) == 256

@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from app import figures, state
+from flowcore.config import describe_architecture
 from flowcore.evaluate import set_label
 from flowcore.scores import percentile_of
 
@@ -23,7 +24,7 @@ def overview(options: list[str]) -> pd.DataFrame:
         row = {
             "checkpoint": n,
             "dataset": set_label(str(cfg.get("dataset", "?"))),
-            "architecture": state.arch_summary(cfg["model"]),
+            "architecture": describe_architecture(cfg["model"]),
             "test bpd (mean)": ref.get("bpd_mean"),
         }
         for ood, value in ((ref.get("auroc") or {}).get("likelihood") or {}).items():
@@ -36,7 +37,7 @@ def column(name: str, units: str, key: str) -> dict[str, np.ndarray]:
     shape = state.image_shape(name)
     dims = int(np.prod(shape))
     cfg = state.config(name)
-    st.markdown(f"**{name}**: {set_label(str(cfg.get('dataset', '?')))}; {state.arch_summary(cfg['model'])}")
+    st.markdown(f"**{name}**: {set_label(str(cfg.get('dataset', '?')))}; {describe_architecture(cfg['model'])}")
     good, _ = state.prepared_inputs(shape)
     res = state.scores(name, [p.array for _, p in good]) if good else {}
     ref = state.reference(name)
