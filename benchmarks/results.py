@@ -93,6 +93,19 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     return section, card
 
 
+README = ROOT / "README.md"
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def readme_with_summary(readme: str, summary: str) -> str:
+    """README text with the block between the results markers replaced by ``summary``."""
+    if START not in readme or END not in readme:
+        return readme
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{summary}\n{END}{tail}"
+
+
 def render() -> tuple[str, dict[str, str]]:
     names = list_checkpoints()
     head = [
@@ -127,17 +140,25 @@ def render() -> tuple[str, dict[str, str]]:
     return text, cards
 
 
+def summary_table(text: str) -> str:
+    """The summary table of a rendered report (quoted in the README)."""
+    lines = text.split("## Summary\n\n", 1)[1].split("\n\n", 1)[0]
+    return lines
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--check", action="store_true")
     args = p.parse_args()
     text, cards = render()
+    readme = readme_with_summary(README.read_text(), summary_table(text))
     if args.check:
-        ok = DOC.is_file() and DOC.read_text() == text
+        ok = DOC.is_file() and DOC.read_text() == text and README.read_text() == readme
         print("docs/results.md is up to date" if ok else "docs/results.md is out of date")
         return 0 if ok else 1
     DOC.parent.mkdir(exist_ok=True)
     DOC.write_text(text)
+    README.write_text(readme)
     for name, card in cards.items():
         (checkpoints_dir() / name / "README.md").write_text(card + "\n")
     print(f"wrote {DOC} and {len(cards)} model cards")

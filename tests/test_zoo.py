@@ -56,3 +56,6 @@ def test_results_report_matches_shipped_files():
     for name, card in cards.items():
         assert (checkpoints_dir() / name / "README.md").read_text() == card + "\n"
     assert json.dumps(sorted(cards)) == json.dumps(sorted(SHIPPED))
+    readme = (ROOT / "README.md").read_text()
+    assert results.START in readme
+    assert results.readme_with_summary(readme, results.summary_table(text)) == readme
