@@ -1,50 +1,53 @@
 """End-to-end: ``streamlit run app/Home.py`` driven by Playwright in headless Chromium.
 
-Needs the ``playwright`` Python package and Debian's Chromium at ``/usr/bin/chromium`` (never a
-downloaded browser). With ``FLOWCORE_SCREENSHOTS`` set, screenshots go to ``docs/screenshots/``.
+One Streamlit server (on the tiny checkpoint of ``test_app.py``) and one Chromium serve the whole module;
+each test opens its own tabs, each a Streamlit session of its own. The page helpers live in
+``benchmarks/screenshots.py`` (the script that takes the README's screenshots), so that script is tested too.
+
+Needs the ``playwright`` Python package and Debian's Chromium at ``/usr/bin/chromium`` (never a browser
+downloaded by ``playwright install``); the tests skip without them. With ``FLOWCORE_SCREENSHOTS=<folder>``,
+``test_every_page_after_an_upload`` saves a full-page ``<folder>/<page>.png`` of every page.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import re
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SHOTS = ROOT / "docs" / "screenshots"
+_spec = importlib.util.spec_from_file_location("flowcore_screenshots", ROOT / "benchmarks" / "screenshots.py")
+shots = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = shots  # its dataclasses look their module up
+_spec.loader.exec_module(shots)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
+TIMEOUT = 90_000  # ms; the machine is shared with training runs
+N_SESSIONS = 4
+# The app's preprocessing defaults (state.preprocessing_options: the sidebar's "Invert" and "Fit" radios).
+INVERT, FIT = "auto", "crop"
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+
+@dataclass(frozen=True)
+class App:
+    url: str
+    checkpoint: Path  # the tiny fashion_realnvp checkpoint the app shows by default
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)")
+def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    if not shots.CHROMIUM.exists():
+        pytest.skip(f"{shots.CHROMIUM} not found (apt-get install chromium)")
     pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
     pytest.importorskip("streamlit")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,86 +55,263 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
     root = tmp_path_factory.mktemp("flowcore_browser")
     ckpts, data = make_tiny_setup(root)
-    port = free_port()
-    env = dict(os.environ, FLOWCORE_CHECKPOINTS=str(ckpts), FLOWCORE_DATA_DIR=str(data))
-    env.pop("FLOWCORE_DEFAULT_CHECKPOINT", None)
-    log = open(root / "streamlit.log", "w")
-    cmd = [
-        sys.executable,
-        "-m",
-        "streamlit",
-        "run",
-        str(ROOT / "app" / "Home.py"),
-        "--server.port",
-        str(port),
-        "--server.address",
-        "127.0.0.1",
-        "--server.headless",
-        "true",
-        "--server.fileWatcherType",
-        "none",
-        "--browser.gatherUsageStats",
-        "false",
-    ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    env = {"FLOWCORE_CHECKPOINTS": str(ckpts), "FLOWCORE_DATA_DIR": str(data), "FLOWCORE_DEFAULT_CHECKPOINT": None}
+    env["OMP_NUM_THREADS"] = "1"  # like conftest.py: on a shared machine one torch thread is much faster here
+    with shots.serve(env, log=root / "streamlit.log") as url:
+        yield App(url, ckpts / "fashion_realnvp")
+
+
+@pytest.fixture(scope="module")
+def browser(app: App) -> Iterator[Any]:
+    from playwright.sync_api import sync_playwright
+
+    p = sync_playwright().start()
     try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as r:
-                    if r.read() == b"ok":
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                pytest.fail(f"streamlit did not start: {(root / 'streamlit.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
+        b = shots.launch(p)
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-
-
-def test_dashboard_in_chromium(server: str, tmp_path: Path) -> None:
-    from playwright.sync_api import expect, sync_playwright
-
-    upload = tmp_path / "checkers.png"
-    yy, xx = np.mgrid[:64, :48]
-    Image.fromarray((255 * ((xx // 8 + yy // 8) % 2)).astype(np.uint8)).save(upload)
-    screenshots = bool(os.environ.get("FLOWCORE_SCREENSHOTS"))
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(server)
-            sidebar = page.locator('[data-testid="stSidebar"]')
-            sidebar.get_by_text("Model", exact=True).wait_for(timeout=60_000)
-            picker = sidebar.get_by_role("combobox", name="Model")
-            expect(picker).to_have_value(re.compile("fashion_realnvp"), timeout=30_000)
-            page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-
-            page.locator('input[type="file"]').first.set_input_files(str(upload))
-            page.get_by_text("what the model sees").wait_for(timeout=60_000)
-            metrics = page.locator('[data-testid="stMetric"]')
-            metrics.first.wait_for(timeout=30_000)
-            text = page.locator('[data-testid="stMain"]').inner_text()
-            assert "checkers.png" in text and "bits/dim" in text
-            assert "OOD" in text or "in-distribution" in text
-            assert "Traceback" not in page.content()
-            if screenshots:
-                SHOTS.mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(SHOTS / "score.png"))
-                for title, file in (("Latents", "latents"), ("Coupling layers", "couplings")):
-                    page.get_by_role("link", name=title).click()
-                    page.locator(".js-plotly-plot").first.wait_for(timeout=60_000)
-                    page.wait_for_timeout(1500)
-                    assert "Traceback" not in page.content()
-                    page.screenshot(path=str(SHOTS / f"{file}.png"))
+            yield b
         finally:
-            browser.close()
+            b.close()
+    finally:
+        p.stop()
+
+
+@pytest.fixture(scope="module")
+def context(browser: Any) -> Iterator[Any]:
+    """One browser context for the module: its HTTP and code caches make each new tab load faster. Every tab
+    is a Streamlit session of its own (a session is one websocket; nothing is shared through cookies)."""
+    ctx = browser.new_context(viewport=shots.VIEWPORT)
+    ctx.set_default_timeout(TIMEOUT)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+@pytest.fixture
+def new_page(context: Any) -> Iterator[Any]:
+    """``new_page()``: a new tab, so a new Streamlit session; closed after the test."""
+    pages = []
+
+    def make() -> Any:
+        pages.append(context.new_page())
+        return pages[-1]
+
+    yield make
+    for page in pages:
+        page.close()
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """A real photo (scikit-image's, else a generated one) and four generated ones, as JPEG files."""
+    folder = tmp_path_factory.mktemp("photos")
+    name, first = shots.real_photo()
+    images = [first] + [shots.synthetic_photo(seed, (320 + 32 * seed, 240)) for seed in range(1, N_SESSIONS + 1)]
+    paths = []
+    for i, img in enumerate(images):
+        path = folder / (f"{name}.jpg" if i == 0 else f"scene{i}.jpg")
+        img.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def expected_score(checkpoint: Path, path: Path) -> tuple[float, float]:
+    """(log-likelihood in nats, bpd) of an image file as the app computes it, computed here with flowcore."""
+    import flowcore
+    from flowcore.images import decode_image, preprocess
+    from flowcore.scores import compute_scores
+
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    ref = cfg.get("reference") or {}
+    array = preprocess(decode_image(path.read_bytes()), tuple(cfg["model"]["image_shape"]), invert=INVERT, fit=FIT)
+    model = flowcore.load(checkpoint)
+    out = compute_scores(
+        model, array.array[None], None, None, n_draws=int(ref.get("n_draws", 1)), seed=int(ref.get("seed", 0))
+    )
+    return float(out["likelihood"][0]), float(out["bpd"][0])
+
+
+def shown_score(page: Any) -> tuple[float, float]:
+    """(log-likelihood, bits/dim) of the Score page's metrics."""
+    m = shots.metrics(page)
+    return float(m["log-likelihood (nats)"].replace(",", "")), float(m["bits/dim"])
+
+
+def plotly_traces(page: Any, key: str) -> list[dict[str, Any]]:
+    """The drawn traces (type, name, hovertemplate, x, y, z; decoded) of the plotly chart with Streamlit key ``key``."""
+    return page.evaluate(
+        """key => {
+             const plain = v => ArrayBuffer.isView(v) ? Array.from(v) : Array.isArray(v) ? v.map(plain) : v ?? null;
+             return document.querySelector(`.st-key-${key} .js-plotly-plot`)._fullData.map(d => ({
+               type: d.type, name: d.name || '', hover: d.hovertemplate || '',
+               x: plain(d.x), y: plain(d.y), z: plain(d.z)}));
+           }""",
+        key,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+def test_photo_upload_shows_score_and_histogram(app: App, new_page: Any, photos: list[Path]) -> None:
+    from playwright.sync_api import expect
+
+    page = new_page()
+    shots.open_app(page, app.url)
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    expect(sidebar.get_by_role("combobox", name="Model")).to_have_value(re.compile("fashion_realnvp"), timeout=TIMEOUT)
+    assert "Add images in the sidebar" in shots.main_text(page)
+
+    photo = photos[0]
+    shots.upload(page, [photo])
+    page.get_by_text("what the model sees").wait_for()
+    shots.check_page(page)
+    text = shots.main_text(page)
+    assert photo.name in text and "bits/dim" in text
+    m = shots.metrics(page)
+    assert m["verdict at 5% FPR (likelihood)"] in ("OOD", "in-distribution"), m
+    assert m["percentile among test images"].endswith("%"), m
+    ll, bpd = shown_score(page)
+    want_ll, want_bpd = expected_score(app.checkpoint, photo)
+    assert bpd == pytest.approx(want_bpd, abs=6e-5) and ll == pytest.approx(want_ll, abs=0.06)
+
+    traces = plotly_traces(page, "hist_likelihood")
+    hists = [t["name"].split(" ")[0] for t in traces if t["type"] == "histogram"]
+    assert hists == ["train", "test", "mnist"], traces
+    (line,) = [t for t in traces if t["type"] == "scatter"]
+    assert line["name"] == photo.name and line["x"] == pytest.approx([want_bpd, want_bpd], abs=1e-6)
+
+
+def test_receptive_field_click_updates_jacobian(app: App, new_page: Any) -> None:
+    import flowcore
+    from flowcore.data import load_images
+
+    page = new_page()
+    shots.open_app(page, f"{app.url}/receptive_field")
+    page.locator('[data-testid="stMain"] h1', has_text="Receptive field").wait_for()
+    caption = page.get_by_text(re_latent(0, 14, 14))
+    caption.wait_for()
+    shots.check_page(page)
+    figure = page.locator(".st-key-rf_fig")
+    before_png = figure.screenshot()
+    before = jacobian_trace(page)
+
+    row, col = 3, 22
+    x, y = page.evaluate(
+        """([row, col]) => {
+             const el = document.querySelector('.st-key-rf_pick .js-plotly-plot');
+             const L = el._fullLayout, r = el.getBoundingClientRect();
+             return [r.left + L.xaxis._offset + L.xaxis.d2p(col), r.top + L.yaxis._offset + L.yaxis.d2p(row)];
+           }""",
+        [row, col],
+    )
+    page.mouse.move(x, y)
+    with shots.rerun(page, TIMEOUT):
+        page.mouse.click(x, y)
+    page.get_by_text(re_latent(0, row, col)).wait_for()
+    shots.wait_idle(page, TIMEOUT)
+    shots.check_page(page)
+    assert page.locator(".st-key-rf_h input").input_value() == str(row)
+    assert page.locator(".st-key-rf_w input").input_value() == str(col)
+    picked = [t for t in plotly_traces(page, "rf_pick") if t["name"] == "picked"]
+    assert [(p["x"], p["y"]) for p in picked] == [([col], [row])]
+    markers = [(t["x"], t["y"]) for t in plotly_traces(page, "rf_fig") if t["type"] == "scatter"]
+    assert markers and all(m == ([col], [row]) for m in markers), markers
+
+    after = jacobian_trace(page)
+    assert not np.allclose(before, after), "the Jacobian heatmap did not change"
+    cfg = json.loads((app.checkpoint / "config.json").read_text())
+    shape = tuple(cfg["model"]["image_shape"])
+    image = load_images(str(cfg["dataset"]), "test", image_shape=shape)[0]  # no input: the first test image
+    model = flowcore.load(app.checkpoint)
+    for (r, c), shown in (((14, 14), before), ((row, col), after)):
+        want = np.abs(flowcore.jacobian_map(model, image, (0, r, c))).max(axis=0)
+        np.testing.assert_allclose(shown, want, rtol=1e-3, atol=1e-6 * want.max())
+    assert figure.screenshot() != before_png
+
+
+def re_latent(c: int, h: int, w: int) -> re.Pattern[str]:
+    return re.compile(re.escape(f"latent (channel {c}, row {h}, column {w})"))
+
+
+def jacobian_trace(page: Any) -> np.ndarray:
+    """The |dz_i/dx| heatmap of the receptive-field figure."""
+    (trace,) = [t for t in plotly_traces(page, "rf_fig") if t["type"] == "heatmap" and "|dz_i / dx|" in t["hover"]]
+    return np.asarray(trace["z"], dtype=np.float64)
+
+
+def test_corrupt_upload_shows_a_clear_error(app: App, new_page: Any, photos: list[Path], tmp_path: Path) -> None:
+    junk = tmp_path / "corrupt.png"
+    junk.write_bytes(b"this is not an image at all " * 40)
+    truncated = tmp_path / "truncated.jpg"
+    data = photos[1].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    page = new_page()
+    shots.open_app(page, app.url)
+    shots.upload(page, [junk, truncated])
+    errors = page.locator('[data-testid="stAlertContentError"]')
+    errors.nth(1).wait_for()
+    shown = errors.all_inner_texts()
+    assert len(shown) == 2, shown
+    assert any(e.startswith("corrupt.png:") and "not a PNG, JPEG" in e for e in shown), shown
+    assert any(e.startswith("truncated.jpg:") and "truncated or corrupt JPEG" in e for e in shown), shown
+    assert "Traceback" not in page.content()
+    assert page.locator('[data-testid="stException"]').count() == 0
+    text = shots.main_text(page)
+    assert "Score" in text and "Add images in the sidebar" in text  # the page still works, nothing scored
+    assert not shots.metrics(page)
+
+
+def test_four_concurrent_sessions_get_their_own_scores(app: App, new_page: Any, photos: list[Path]) -> None:
+    photos = photos[1:]  # images no other test scores: every session computes its own
+    assert len(photos) == N_SESSIONS
+    want = {p.name: expected_score(app.checkpoint, p) for p in photos}
+    bpds = sorted(b for _, b in want.values())
+    assert min(np.diff(bpds)) > 1e-3, f"the test images must score apart to tell sessions apart: {want}"
+
+    pages = [new_page() for _ in photos]
+    for page in pages:  # start on the light Guide page (a tab's first load is the costly part here)
+        page.goto(f"{app.url}/guide")  # returns on the load event: the sessions start at once
+    for page in pages:
+        page.locator('[data-testid="stMain"] h1', has_text="Guide").wait_for()
+        shots.wait_idle(page, TIMEOUT)
+    for page, photo in zip(pages, photos, strict=True):
+        shots.upload(page, [photo])
+    for page in pages:  # returns at once: the four sessions score their image concurrently
+        page.locator('[data-testid="stSidebarNav"] a[href$="/"]').click()
+    for page, photo in zip(pages, photos, strict=True):
+        page.locator('[data-testid="stMain"] h3', has_text=photo.name).wait_for()
+        shots.wait_idle(page, TIMEOUT)
+    for page, photo in zip(pages, photos, strict=True):  # again once all are done: nothing was overwritten
+        shots.check_page(page)
+        ll, bpd = shown_score(page)
+        want_ll, want_bpd = want[photo.name]
+        assert bpd == pytest.approx(want_bpd, abs=6e-5), (photo.name, bpd, want)
+        assert ll == pytest.approx(want_ll, abs=0.06), (photo.name, ll, want)
+        assert shots.uploaded_names(page) == [photo.name]
+        text = shots.main_text(page)
+        assert photo.name in text
+        assert not [other.name for other in photos if other != photo and other.name in text]
+        line = [t["name"] for t in plotly_traces(page, "hist_likelihood") if t["type"] == "scatter"]
+        assert line == [photo.name]
+
+
+def test_every_page_after_an_upload(app: App, new_page: Any, photos: list[Path]) -> None:
+    page = new_page()
+    shots.open_app(page, app.url)
+    shots.upload(page, [photos[0]])
+    folder = os.environ.get("FLOWCORE_SCREENSHOTS")
+    visits = shots.visit_every_page(page, Path(folder) if folder else None, TIMEOUT)
+    assert list(visits) == [s.name for s in shots.PAGES]
+    for spec in shots.PAGES:
+        assert spec.title in visits[spec.name].text
+        assert visits[spec.name].charts >= spec.charts, (spec.name, visits[spec.name].charts)
+    assert photos[0].name in visits["score"].text and photos[0].name in visits["latents"].text
+    assert "Kirichenko" in visits["guide"].text
+    if folder:
+        for spec in shots.PAGES:
+            assert (Path(folder) / f"{spec.name}.png").stat().st_size > 10_000
