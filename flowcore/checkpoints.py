@@ -64,6 +64,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -84,6 +85,7 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     os.close(fd)
     try:
         save_file(state, tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path / WEIGHTS)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
