@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from flowcore.config import describe_architecture
+from flowcore.models import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -50,7 +51,7 @@ def model_card(name: str) -> None:
     lines = [
         f"**Data**: {set_label(str(cfg.get('dataset', 'unknown')))}; OOD sets: {ood}",
         f"**Architecture**: {describe_architecture(cfg['model'])}",
-        f"**Parameters**: {state.count_parameters(state.model(name)):,}",
+        f"**Parameters**: {count_parameters(state.model(name)):,}",
     ]
     if ref:
         counts = ref.get("counts") or {}

@@ -52,7 +52,6 @@ __all__ = [
     "config",
     "reference",
     "background_name",
-    "count_parameters",
     "has_batchnorm",
     "auroc_rows",
     "reference_scores",
@@ -225,10 +224,6 @@ def image_shape(name: str) -> tuple[int, int, int]:
     if not shape or len(shape) != 3:
         raise CheckpointError(f"{name} is not an image model (no image_shape in config.json)")
     return tuple(int(v) for v in shape)
-
-
-def count_parameters(m: nn.Module) -> int:
-    return int(sum(p.numel() for p in m.parameters()))
 
 
 def has_batchnorm(m: nn.Module) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from flowcore.checkpoints import checkpoints_dir, list_checkpoints, read_config
 from flowcore.config import describe_architecture
 from flowcore.evaluate import auroc_table, load_reference
+from flowcore.models import count_parameters
 from flowcore.scores import SCORE_DESCRIPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +39,7 @@ PAPER = {
 def _params(name: str) -> int:
     import flowcore
 
-    return sum(p.numel() for p in flowcore.load(name).parameters())
+    return count_parameters(flowcore.load(name))
 
 
 def _fmt(x: float | None) -> str:

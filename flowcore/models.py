@@ -26,7 +26,15 @@ from .bijectors import ActNorm, AffineCoupling, Bijector, Chain, InvConv1x1, Log
 from .config import FlowConfig, as_config
 from .nets import MLP, GlowST, ResNetST
 
-__all__ = ["MultiScale", "ImageFlow", "TabularFlow", "build", "standard_normal_log_prob", "latent_scale_map"]
+__all__ = [
+    "MultiScale",
+    "ImageFlow",
+    "TabularFlow",
+    "build",
+    "standard_normal_log_prob",
+    "latent_scale_map",
+    "count_parameters",
+]
 
 
 def standard_normal_log_prob(z: Tensor) -> Tensor:
@@ -111,6 +119,11 @@ class TabularFlow(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         z, log_det = self(x)
         return standard_normal_log_prob(z) + log_det
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable numbers in a model."""
+    return int(sum(p.numel() for p in model.parameters()))
 
 
 def latent_scale_map(model: ImageFlow) -> Tensor:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import distributed as dist
 from .checkpoints import checkpoints_dir, save
@@ -407,7 +407,3 @@ def train(
     dist.barrier()
     log(event="export", path=str(out), test_bpd=bpd)
     return {"stopped_by": stopped_by, "test_bpd": bpd, "export": str(out), **pos}
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
