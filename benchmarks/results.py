@@ -60,6 +60,13 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         f"{t.get('cpu_minutes', '?')} min on {t.get('threads', '?')} CPU thread(s), "
         f"stopped by {t.get('stopped_by', '?')}"
     )
+    if t.get("init_from"):
+        p = t["init_from"]
+        total = (p.get("cpu_minutes") or 0) + (t.get("cpu_minutes") or 0)
+        lines.append(
+            f"- Fine-tuned from `{p['checkpoint']}` ({p.get('epochs_completed', '?')} epochs, "
+            f"{p.get('cpu_minutes', '?')} min): {total:.1f} CPU minutes in all"
+        )
     if t.get("pixel_noise_mu"):
         mu = t["pixel_noise_mu"]
         lines.append(f"- Background model for the likelihood ratio: pixels replaced by noise w.p. {mu}")

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import distributed as dist
-from .checkpoints import checkpoints_dir, save
+from .checkpoints import CheckpointError, checkpoints_dir, load, read_config, save
 from .config import FlowConfig
 from .data import load_images, match_shape
 from .likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
@@ -74,6 +74,7 @@ class TrainConfig:
     test_subset: int | None = 2000  # images for the per-epoch test bpd
     pixel_noise_mu: float = 0.0  # Ren et al. background model: replace pixels by uniform noise w.p. mu
     negative: NegativeConfig | None = None
+    init_from: str | None = None  # checkpoint (name or folder) whose weights start a fresh run: fine-tuning
     threads: int | None = None
     log_every: int = 100  # steps between 'train' events in log.jsonl
 
@@ -151,6 +152,25 @@ def _add_pixel_noise(k: Tensor, mu: float, gen: torch.Generator) -> Tensor:
     return torch.where(replace, noise, k)
 
 
+def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """Copy a shipped checkpoint's weights (buffers included) into ``model``; return its config.json."""
+    parent = load(cfg.init_from)
+    if parent.config.to_dict() != cfg.model.to_dict():
+        raise ValueError(f"init_from {cfg.init_from!r}: its architecture differs from this config's model")
+    model.load_state_dict(parent.state_dict(), strict=True)
+    return read_config(cfg.init_from)
+
+
+def _parent_summary(name: str) -> dict[str, Any]:
+    """What the fine-tuned model inherits: its parent's training budget, for the model card."""
+    try:
+        t = read_config(name).get("training", {})
+    except CheckpointError:
+        return {"checkpoint": name}
+    keep = ("dataset", "epochs_completed", "images_seen", "cpu_minutes", "threads")
+    return {"checkpoint": name, **{k: t[k] for k in keep if k in t}}
+
+
 class _Logger:
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path, self.enabled = path, enabled
@@ -219,6 +239,9 @@ def train(
         raise FileExistsError(f"{state_path} exists: pass --resume to continue it, or remove {run_dir}")
     else:
         log(event="start", config=cfg.to_dict(), torch=torch.__version__, threads=torch.get_num_threads())
+        if cfg.init_from:
+            parent = _init_from(model, cfg)
+            log(event="init_from", checkpoint=cfg.init_from, test_bpd=parent.get("metrics", {}).get("test_bpd_subset"))
     objective = None
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -388,6 +411,7 @@ def train(
         "skipped_steps": pos["skipped"],
         "pixel_noise_mu": cfg.pixel_noise_mu,
         "negative": asdict(cfg.negative) if cfg.negative else None,
+        "init_from": _parent_summary(cfg.init_from) if cfg.init_from else None,
         "torch": torch.__version__,
         "device": device,
         "world_size": world,

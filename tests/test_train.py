@@ -126,6 +126,35 @@ def test_negative_training_pushes_ood_down(tiny_data, tmp_path):
     assert base["test_bpd"] < 8
 
 
+def test_init_from_starts_at_the_parent_weights(tiny_data, tmp_path):
+    npz, _ = tiny_data
+    train(_cfg(npz, epochs=1), run_dir=tmp_path / "p", export_dir=tmp_path / "ck_p", progress=False)
+    parent = flowcore.load(tmp_path / "ck_p")
+    child_cfg = _cfg(npz, epochs=1, init_from=str(tmp_path / "ck_p"))
+    train(child_cfg, run_dir=tmp_path / "c", max_steps=1, progress=False)  # one step: state saved, no export
+    log = [json.loads(line) for line in (tmp_path / "c" / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in log][:2] == ["start", "init_from"]
+    # step 0 is a fine-tuning step from the parent, not from scratch: its loss is the parent's bpd level
+    first_bpd = [e["bpd"] for e in log if e["event"] == "train"][0]
+    scratch = train(_cfg(npz, epochs=1), run_dir=tmp_path / "s", max_steps=1, progress=False)
+    scratch_log = [json.loads(line) for line in (tmp_path / "s" / "log.jsonl").read_text().splitlines()]
+    assert first_bpd < [e["bpd"] for e in scratch_log if e["event"] == "train"][0] - 0.5
+    assert scratch["step"] == 1
+    # the copy is exact, BatchNorm running statistics and ActNorm state included
+    fresh = flowcore.build(child_cfg.model)
+    train_mod._init_from(fresh, child_cfg)
+    ps, cs = parent.state_dict(), fresh.state_dict()
+    assert ps.keys() == cs.keys() and all(torch.equal(ps[k], cs[k]) for k in ps)
+    # the exported card records what the model inherited
+    train(child_cfg, run_dir=tmp_path / "z", export_dir=tmp_path / "ck_z", max_minutes=0, progress=False)
+    meta = flowcore.load(tmp_path / "ck_z").checkpoint_meta["training"]["init_from"]
+    assert meta["checkpoint"] == str(tmp_path / "ck_p") and meta["images_seen"] > 0
+    with pytest.raises(ValueError, match="architecture differs"):
+        wider = _cfg(npz, init_from=str(tmp_path / "ck_p"))
+        wider.model.hidden = 16
+        train(wider, run_dir=tmp_path / "w", max_steps=1, progress=False)
+
+
 def test_evaluate_auroc_matches_sklearn_and_cli(tiny_data, tmp_path, capsys):
     from sklearn.metrics import roc_auc_score
 
