@@ -42,6 +42,13 @@ def _params(name: str) -> int:
     return count_parameters(flowcore.load(name))
 
 
+def _is_baseline(cfg: dict) -> bool:
+    """A plain model of the paper's Table 1 (no App. B/I change, no background noise)."""
+    m, t = cfg["model"], cfg.get("training", {})
+    variant = m.get("mask", "checkerboard") != "checkerboard" or m.get("bottleneck") or t.get("negative")
+    return not (variant or t.get("pixel_noise_mu") or t.get("init_from"))
+
+
 def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
@@ -91,7 +98,8 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     lines.append("| score | " + " | ".join(sets) + " |")
     lines.append("|---|" + "---|" * len(sets))
     if paper:
-        lines.append("| paper Table 1 (likelihood) | " + " | ".join(
+        label = "paper Table 1 (likelihood)" if _is_baseline(cfg) else "paper Table 1, baseline model (likelihood)"
+        lines.append(f"| {label} | " + " | ".join(
             f"{paper[s]:.1f}" if s in paper else "–" for s in sets) + " |")
     for score, row in table.items():
         lines.append(f"| {score} | " + " | ".join(_fmt(row.get(s)) for s in sets) + " |")
@@ -103,6 +111,65 @@ def checkpoint_section(name: str) -> tuple[str, str]:
 
 README = ROOT / "README.md"
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+# The paper's claims, each checked on the shipped checkpoint(s) it concerns:
+# (claim, paper value or expectation, [(checkpoint, OOD set)], expectation): the expectation is a side of
+# 50 % ("<" or ">"), (control,): above the control checkpoint on the same OOD set, or None: report only.
+CLAIMS = [
+    ("Fashion-MNIST RealNVP gives MNIST higher likelihood", "10.8", [("fashion_realnvp", "mnist")], "<"),
+    ("Fashion-MNIST Glow gives MNIST higher likelihood", "13.3", [("fashion_glow", "mnist")], "<"),
+    ("Fashion-MNIST RealNVP vs notMNIST", "72.1", [("fashion_realnvp", "notmnist")], ">"),
+    ("Fashion-MNIST Glow vs notMNIST", "80.2", [("fashion_glow", "notmnist")], ">"),
+    ("MNIST RealNVP separates Fashion-MNIST and notMNIST", "99.99 / 99.99",
+     [("mnist_realnvp", "fashion_mnist"), ("mnist_realnvp", "notmnist")], ">"),
+    ("CIFAR-10 RealNVP vs CelebA (near chance)", "56.0", [("cifar10_realnvp", "celeba32")], None),
+    ("CelebA RealNVP vs CIFAR-10", "67.7", [("celeba_realnvp", "cifar10")], None),
+    ("Sec. 7: horizontal mask, Fashion-MNIST -> MNIST", "fails like the baseline (Fig. 15b)",
+     [("fashion_realnvp_horizontal", "mnist")], "<"),
+    ("Sec. 7: cycle mask raises Fashion-MNIST -> MNIST above the same flow with a horizontal mask",
+     "higher than the baseline (Fig. 15c)", [("fashion_realnvp_cycle", "mnist")], ("fashion_realnvp_horizontal",)),
+    ("Sec. 7: st-net bottleneck l = 10 raises Fashion-MNIST -> MNIST above `fashion_realnvp`",
+     "higher than the baseline (Fig. 16)", [("fashion_realnvp_bottleneck", "mnist")], ("fashion_realnvp",)),
+    ("App. B: negative training (Fashion up, MNIST down) separates the pair", "clear separation (Fig. 7e)",
+     [("fashion_realnvp_negative", "mnist")], ">"),
+    ("App. B: ... but not a third set (notMNIST)", "not trained for", [("fashion_realnvp_negative", "notmnist")], None),
+    ("App. B: negative training (MNIST up, Fashion down) separates the pair", "clear separation (Fig. 7f)",
+     [("mnist_realnvp_negative", "fashion_mnist")], ">"),
+    ("App. B: ... and the third set (notMNIST)", "not trained for", [("mnist_realnvp_negative", "notmnist")], None),
+]
+
+
+def _likelihood_auroc(name: str, ood: str, shipped: set[str]) -> float | None:
+    if name not in shipped:
+        return None
+    return (read_config(name).get("reference") or {}).get("auroc", {}).get("likelihood", {}).get(ood)
+
+
+def findings_table(shipped: set[str]) -> list[str]:
+    """The paper's claims next to what the shipped checkpoints measure (likelihood AUROC %)."""
+    rows = ["| claim | paper | measured (checkpoint: AUROC %) | agrees |", "|---|---|---|---|"]
+    for claim, paper, pairs, side in CLAIMS:
+        vals = [(n, o, _likelihood_auroc(n, o, shipped)) for n, o in pairs]
+        if all(v is None for _, _, v in vals):
+            rows.append(f"| {claim} | {paper} | not shipped yet (`{pairs[0][0]}`) | |")
+            continue
+        measured = "; ".join(f"`{n}` vs {o}: {_fmt(v)}" for n, o, v in vals)
+        if side is None:
+            verdict = "–"
+        elif isinstance(side, tuple):
+            control = [_likelihood_auroc(side[0], o, shipped) for _, o, _ in vals]
+            if any(c is None for c in control):
+                verdict = f"control `{side[0]}` not shipped"
+            else:
+                ok = all(v is not None and v > c for (_, _, v), c in zip(vals, control, strict=True))
+                measured += f" (control `{side[0]}`: " + ", ".join(_fmt(c) for c in control) + ")"
+                verdict = "yes" if ok else "**no**"
+        else:
+            ok = all(v is not None and ((v < 0.5) if side == "<" else (v > 0.5)) for _, _, v in vals)
+            verdict = "yes" if ok else "**no**"
+        rows.append(f"| {claim} | {paper} | {measured} | {verdict} |")
+    return rows
 
 
 def readme_with_summary(readme: str, summary: str) -> str:
@@ -146,14 +213,20 @@ def render() -> tuple[str, dict[str, str]]:
                 k = max(others, key=others.get)
                 best.append(f"{s}: {k} {_fmt(others[k])}")
         head.append(f"| `{name}` | {ref['bpd_mean']:.3f} / {ref['bpd_median']:.3f} | {like} | {'; '.join(best)} |")
-    text = "\n".join(head + ["", "## Checkpoints", ""] + sections) + "\n"
+    claims = ["", "## The paper's findings, measured", "",
+              "Likelihood AUROC % of each claim's checkpoint. The Sec. 7 variants are smaller and trained for less",
+              "than `fashion_realnvp` (see their cards): `fashion_realnvp_horizontal` and `fashion_realnvp_cycle`",
+              "share one architecture and budget and differ only in the mask, so compare them with each other.",
+              ""] + findings_table(set(names))
+    text = "\n".join(head + claims + ["", "## Checkpoints", ""] + sections) + "\n"
     return text, cards
 
 
 def summary_table(text: str) -> str:
-    """The summary table of a rendered report (quoted in the README)."""
-    lines = text.split("## Summary\n\n", 1)[1].split("\n\n", 1)[0]
-    return lines
+    """The summary table and the findings table of a rendered report (quoted in the README)."""
+    summary = text.split("## Summary\n\n", 1)[1].split("\n\n", 1)[0]
+    findings = text.split("## The paper's findings, measured\n\n", 1)[1].split("\n\n## ", 1)[0]
+    return f"{summary}\n\nThe paper's findings, measured:\n\n{findings.split(chr(10) + chr(10), 1)[1]}"
 
 
 def main() -> int:
