@@ -35,6 +35,7 @@ from app import figures, state  # noqa: E402
 HOME = ROOT / "app" / "Home.py"
 TIMEOUT = 60
 TINY = {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 4, "blocks": 1, "scales": 2}
+RGB_TINY = {"arch": "realnvp", "image_shape": [3, 32, 32], "hidden": 4, "blocks": 1, "scales": 3}
 
 
 # ------------------------------------------------------------------------------------------- fixtures
@@ -86,6 +87,16 @@ def make_tiny_setup(root: Path) -> tuple[Path, Path]:
     cfg.pop("reference", None)
     cfg["name"] = "noref"
     (noref / "config.json").write_text(json.dumps(cfg))
+    # an RGB 32x32 model (the CIFAR-10 / CelebA layout), evaluated against grayscale OOD data
+    rgb_data = data / "rgb.npz"
+    np.savez(rgb_data, x_train=(rng.random((24, 32, 32, 3)) * 255).astype(np.uint8),
+             x_test=(rng.random((8, 32, 32, 3)) * 255).astype(np.uint8))
+    rgb = flowcore.build(RGB_TINY)
+    with torch.no_grad():
+        for p in rgb.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    flowcore.save(rgb, ckpts / "rgb_realnvp", name="rgb_realnvp", dataset=f"npz:{rgb_data}", ood=["mnist"])
+    evaluate(ckpts / "rgb_realnvp", data_dir=str(data), ood=[f"npz:{data / 'mnist.npz'}"], train_subset=16)
     return ckpts, data
 
 
@@ -184,6 +195,29 @@ def test_each_view_runs_with_an_input(env: tuple[Path, Path], view: str) -> None
         captions = [c for img in at.get("image") for c in img.captions]
         assert any(c.startswith("original: PNG") for c in captions), captions
         assert "final 28x28x1 uint8" in captions
+
+
+@pytest.mark.parametrize("view", [v for v in VIEWS if v != "guide"])
+def test_each_view_runs_on_an_rgb_model_with_gray_and_colour_inputs(
+    env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch, view: str
+) -> None:
+    monkeypatch.setenv("FLOWCORE_DEFAULT_CHECKPOINT", "rgb_realnvp")
+    at = start()
+    assert at.sidebar.selectbox(key=state.CHECKPOINT_KEY).value == "rgb_realnvp"
+    rng = np.random.default_rng(3)
+    gray = (rng.random((28, 28)) * 255).astype(np.uint8)  # a grayscale digit-sized upload: cross-domain rule
+    colour = (rng.random((50, 40, 3)) * 255).astype(np.uint8)
+    at.session_state[state.ADDED_KEY] = [
+        state.InputImage("gray.png", png_bytes(gray), "upload"),
+        state.InputImage("colour.png", png_bytes(colour), "upload"),
+    ]
+    at.switch_page(f"views/{view}.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert len(at.get("plotly_chart")) >= VIEWS[view]
+    if view == "inputs":
+        captions = [c for img in at.get("image") for c in img.captions]
+        assert "final 32x32x3 uint8" in captions, captions
 
 
 def test_views_without_inputs_use_a_test_image(env: tuple[Path, Path]) -> None:
