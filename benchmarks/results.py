@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from flowcore.checkpoints import checkpoints_dir, list_checkpoints, read_config
 from flowcore.config import describe_architecture
 from flowcore.evaluate import auroc_table, load_reference
@@ -83,6 +85,20 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     if cfg.get("dataset") == "cifar10":
         lines.append("- Data note: our CIFAR-10 copy is JPEG-degraded (quality 75; PSNR 30 dB against the originals)"
                      " and holds 25,000 of the 50,000 training images.")
+    if cfg.get("dataset") == "celeba32":
+        lines.append("- Data note: celeba32.npz holds CelebA faces 1-10,000 (from a 2x-downscaled JPEG copy, RealNVP"
+                     " central crop, 32x32); the first 9,000 train, the last 1,000 are the test set.")
+    if ref and "cifar10_lossless" in ref.get("counts", {}):
+        r = load_reference(name)
+        dims = 1
+        for d in m["image_shape"]:
+            dims *= d
+        lossless = float(np.mean(-r["cifar10_lossless__likelihood"] / (dims * np.log(2))))
+        jpeg = float(np.mean(-r["test__likelihood"] / (dims * np.log(2))))
+        lines.append(
+            f"- JPEG effect: {lossless:.3f} bits/dim on {ref['counts']['cifar10_lossless']} exact (lossless) CIFAR-10"
+            f" test images vs {jpeg:.3f} on the JPEG test set (column `cifar10_lossless` below)"
+        )
     if not ref:
         lines += ["- Not evaluated yet (`flowcore evaluate " + name + "`).", ""]
         text = "\n".join(lines)

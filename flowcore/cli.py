@@ -133,9 +133,9 @@ def _cmd_data(args: argparse.Namespace) -> int:
     for name in data.DATASETS:
         try:
             n = len(data.load_images(name, "test", args.data_dir))
-            print(f"{name:<14} found ({n} test images)")
+            print(f"{name:<17} found ({n} test images)")
         except data.DatasetNotFound as e:
-            print(f"{name:<14} missing: {e}")
+            print(f"{name:<17} missing: {e}")
     return 0
 
 

@@ -5,6 +5,7 @@ name, the first of these that exists is used (``ROOT`` is the root directory)::
 
     any          ROOT/NAME.npz                      uint8 x_train, y_train, x_test, y_test (celeba32.npz: x_test
                                                     only; "train" is its first CELEBA_TRAIN images, "test" the rest)
+    cifar10_lossless  ROOT/cifar10_lossless_subset.npz  only there: exact CIFAR-10 images beside a JPEG copy
     mnist        ROOT/mnist/  or ROOT/MNIST/raw/    official IDX files: {train,t10k}-images-idx3-ubyte[.gz]
     fashion_mnist ROOT/fashion_mnist/, ROOT/fashion-mnist/, ROOT/FashionMNIST/raw/,
                  then /usr/share/datasets/fashion-mnist/ (Debian package dataset-fashion-mnist)
@@ -68,7 +69,10 @@ __all__ = [
     "match_shape",
 ]
 
-DATASETS = ("fashion_mnist", "mnist", "notmnist", "cifar10", "celeba32", "svhn")
+DATASETS = ("fashion_mnist", "mnist", "notmnist", "cifar10", "celeba32", "svhn", "cifar10_lossless")
+# Names found only as ROOT/FILE.npz: the exact CIFAR-10 images that ship beside a lossy (JPEG) cifar10.npz,
+# used to measure what the lossy copy does to bits/dim.
+NPZ_ONLY = {"cifar10_lossless": "cifar10_lossless_subset.npz"}
 # celeba32.npz holds 10,000 faces without a split: the first 9,000 train, the rest test.
 CELEBA_TRAIN = 9000
 # Official CelebA partition by file number (list_eval_partition.txt): train ..162770, valid ..182637, test rest.
@@ -307,10 +311,14 @@ def load_images(
     root = data_dir(data_dir_)
     looked: list[str] = []
     if root is not None:
-        npz = root / f"{name}.npz"
+        npz = root / NPZ_ONLY.get(name, f"{name}.npz")
         if npz.is_file():
             return _fit_to(_from_npz(npz, split), image_shape)
         looked.append(str(npz))
+    if name in NPZ_ONLY:
+        unset = "" if root is not None else " (FLOWCORE_DATA_DIR is not set)"
+        where = f"$FLOWCORE_DATA_DIR/{NPZ_ONLY[name]}"
+        raise DatasetNotFound(f"dataset {name!r} not found{unset}; it is read only from {where}")
     for d in _search_dirs(name, root):
         x = _FINDERS[name](d, split, looked)
         if x is not None:

@@ -107,6 +107,15 @@ def test_npz_layout_and_npz_path(tmp_path):
     assert np.array_equal(load_images("celeba32", "test", tmp_path), faces[data.CELEBA_TRAIN :])
 
 
+def test_lossless_cifar_subset_is_read_from_its_own_file(tmp_path):
+    exact = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(DatasetNotFound, match="cifar10_lossless_subset.npz"):
+        load_images("cifar10_lossless", "test", tmp_path)
+    np.savez(tmp_path / "cifar10_lossless_subset.npz", x_train=exact, x_test=exact[:1])
+    assert np.array_equal(load_images("cifar10_lossless", "test", tmp_path), exact[:1])
+    assert load_images("cifar10_lossless", "train", tmp_path, image_shape=(1, 28, 28)).shape == (3, 28, 28)
+
+
 def test_idx_gz_and_plain(tmp_path, monkeypatch):
     x_tr = RNG.integers(0, 256, (4, 28, 28), dtype=np.uint8)
     x_te = RNG.integers(0, 256, (2, 28, 28), dtype=np.uint8)
