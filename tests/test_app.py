@@ -191,6 +191,8 @@ def test_each_view_runs_with_an_input(env: tuple[Path, Path], view: str) -> None
     assert at.title, "every view has a title"
     if view == "guide":
         assert "Kirichenko" in texts(at)
+        assert "`fashion_realnvp`: the default" in texts(at)  # the zoo tour lists the shipped models only
+        assert "fashion_glow" not in texts(at)
     if view == "inputs":
         captions = [c for img in at.get("image") for c in img.captions]
         assert any(c.startswith("original: PNG") for c in captions), captions
