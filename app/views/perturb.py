@@ -53,7 +53,9 @@ def main() -> None:
         )
         m1, m2 = st.columns(2)
         m1.metric("bits/dim, original", f"{bpd[0]:.4f}")
-        m2.metric("bits/dim, edited", f"{bpd[1]:.4f}", f"{bpd[1] - bpd[0]:+.4f}", delta_color="inverse")
+        change = f"{bpd[1] - bpd[0]:+.4f}"
+        unchanged = change in ("+0.0000", "-0.0000")  # no arrow, no colour for an edit that changes nothing
+        m2.metric("bits/dim, edited", f"{bpd[1]:.4f}", None if unchanged else change, delta_color="inverse")
         if ref:
             pct = percentile_of(s["likelihood"][1:2], ref["test__likelihood"])[0]
             thr = ood_threshold(ref["test__likelihood"], 0.05)
