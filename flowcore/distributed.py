@@ -30,6 +30,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .models import log_prob_running_stats
+
 __all__ = [
     "env_world_size",
     "resolve_device",
@@ -267,4 +269,4 @@ class LogProb(nn.Module):
         log_p = self.model.log_prob(v)
         if v_neg is None:
             return log_p
-        return log_p, self.model.log_prob(v_neg)
+        return log_p, log_prob_running_stats(self.model, v_neg)

@@ -34,6 +34,7 @@ __all__ = [
     "standard_normal_log_prob",
     "latent_scale_map",
     "count_parameters",
+    "log_prob_running_stats",
 ]
 
 
@@ -124,6 +125,25 @@ class TabularFlow(nn.Module):
 def count_parameters(model: nn.Module) -> int:
     """Number of trainable numbers in a model."""
     return int(sum(p.numel() for p in model.parameters()))
+
+
+def log_prob_running_stats(model: nn.Module, x: Tensor) -> Tensor:
+    """``model.log_prob(x)`` with every BatchNorm normalising by its running statistics, as at evaluation,
+    even while the model trains; gradients flow as usual.
+
+    Negative training (App. B) needs this: in training mode an OOD batch would be normalised by its *own*
+    statistics (a Fashion-MNIST RealNVP then gives MNIST about -4000 nats instead of the -1100 it reports in
+    evaluation, so a threshold never fires) and would leak into the running statistics used at test time.
+    Not for a model shared between threads: it flips the modules' mode for the duration of the call.
+    """
+    flipped = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in flipped:
+        m.eval()
+    try:
+        return model.log_prob(x)
+    finally:
+        for m in flipped:
+            m.train()
 
 
 def latent_scale_map(model: ImageFlow) -> Tensor:

@@ -39,7 +39,7 @@ from .checkpoints import CheckpointError, checkpoints_dir, load, read_config, sa
 from .config import FlowConfig
 from .data import load_images, match_shape
 from .likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
-from .models import build
+from .models import build, log_prob_running_stats
 
 __all__ = ["TrainConfig", "NegativeConfig", "load_train_config", "train"]
 
@@ -320,7 +320,7 @@ def train(
                 v_neg = dequantize(x_neg[nidx], "uniform", gen)[local].to(device)
             if objective is None:
                 log_p = model.log_prob(v) - dims * LOG_256
-                log_q = None if v_neg is None else model.log_prob(v_neg) - dims * LOG_256
+                log_q = None if v_neg is None else log_prob_running_stats(model, v_neg) - dims * LOG_256
             elif v_neg is None:
                 log_p = objective(v) - dims * LOG_256
             else:

@@ -126,6 +126,32 @@ def test_negative_training_pushes_ood_down(tiny_data, tmp_path):
     assert base["test_bpd"] < 8
 
 
+def test_negative_batches_use_running_statistics_and_leave_them_alone():
+    from flowcore.models import log_prob_running_stats
+
+    torch.manual_seed(0)
+    model = flowcore.build({"arch": "realnvp", "image_shape": [1, 8, 8], "hidden": 8, "blocks": 1, "scales": 2})
+    with torch.no_grad():  # leave the identity initialisation, where the st-nets' BatchNorm has no effect
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.train()
+    x = torch.rand(16, 1, 8, 8) * 0.98 + 0.01  # dequantized pixels in (0, 1)
+    for _ in range(3):  # give the running statistics something to remember
+        model.log_prob(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ood = torch.rand(16, 1, 8, 8) * 0.2 + 0.01  # dark images: batch statistics far from the running ones
+    lp = log_prob_running_stats(model, ood)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "OOD leaked into BatchNorm"
+    lp.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(lp.detach(), model.log_prob(ood), rtol=1e-5, atol=1e-3)
+        model.train()
+        assert not torch.allclose(lp.detach(), model.log_prob(ood), atol=1.0)  # train mode would differ
+
+
 def test_init_from_starts_at_the_parent_weights(tiny_data, tmp_path):
     npz, _ = tiny_data
     train(_cfg(npz, epochs=1), run_dir=tmp_path / "p", export_dir=tmp_path / "ck_p", progress=False)
