@@ -75,6 +75,10 @@ class TrainConfig:
     pixel_noise_mu: float = 0.0  # Ren et al. background model: replace pixels by uniform noise w.p. mu
     negative: NegativeConfig | None = None
     init_from: str | None = None  # checkpoint (name or folder) whose weights start a fresh run: fine-tuning
+    # BatchNorm normalises by its (then fixed) running statistics in training too, so the trained network is
+    # the evaluated one. Negative training needs it: with batch statistics in training, the OOD term learns to
+    # exploit the gap between batch and running statistics instead of lowering the evaluated likelihood.
+    freeze_batchnorm: bool = False
     threads: int | None = None
     log_every: int = 100  # steps between 'train' events in log.jsonl
 
@@ -150,6 +154,14 @@ def _add_pixel_noise(k: Tensor, mu: float, gen: torch.Generator) -> Tensor:
     replace = torch.rand(k.shape, generator=gen) < mu
     noise = torch.randint(0, 256, k.shape, generator=gen, dtype=torch.uint8)
     return torch.where(replace, noise, k)
+
+
+def _train_mode(model: torch.nn.Module, cfg: TrainConfig) -> None:
+    model.train()
+    if cfg.freeze_batchnorm:
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.eval()
 
 
 def _init_from(model: torch.nn.Module, cfg: TrainConfig) -> dict[str, Any]:
@@ -287,11 +299,11 @@ def train(
             if world > 1
             else log_likelihood_nats(model, x_test, seed=cfg.seed, batch_size=256, device=device)
         )
-        model.train()
+        _train_mode(model, cfg)
         return float(np.mean(nats_to_bpd(ll, dims)))
 
     stopped_by = "epochs"
-    model.train()
+    _train_mode(model, cfg)
     bar = tqdm(
         total=total_steps,
         initial=pos["step"] + pos["epoch"] * steps_per_epoch,

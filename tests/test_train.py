@@ -181,6 +181,21 @@ def test_init_from_starts_at_the_parent_weights(tiny_data, tmp_path):
         train(wider, run_dir=tmp_path / "w", max_steps=1, progress=False)
 
 
+def test_frozen_batchnorm_negative_fine_tune_lowers_the_evaluated_likelihood(tiny_data, tmp_path):
+    npz, _ = tiny_data
+    inverted = tmp_path / "inv.npz"
+    np.savez(inverted, x_train=_blobs(256, 5, invert=True), x_test=_blobs(64, 6, invert=True))
+    train(_cfg(npz, epochs=2), run_dir=tmp_path / "p", export_dir=tmp_path / "ck_p", progress=False)
+    child = _cfg(npz, epochs=2, init_from=str(tmp_path / "ck_p"), freeze_batchnorm=True,
+                 negative={"dataset": f"npz:{inverted}", "threshold": -1e9, "weight": 0.5})
+    train(child, run_dir=tmp_path / "c", export_dir=tmp_path / "ck_c", progress=False)
+    parent, tuned = flowcore.load(tmp_path / "ck_p"), flowcore.load(tmp_path / "ck_c")
+    running = [k for k in parent.state_dict() if "running_" in k]
+    assert running and all(torch.equal(parent.state_dict()[k], tuned.state_dict()[k]) for k in running)
+    x_inv = np.load(inverted)["x_test"]
+    assert flowcore.log_likelihood_nats(tuned, x_inv).mean() < flowcore.log_likelihood_nats(parent, x_inv).mean() - 50
+
+
 def test_evaluate_auroc_matches_sklearn_and_cli(tiny_data, tmp_path, capsys):
     from sklearn.metrics import roc_auc_score
 
