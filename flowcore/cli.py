@@ -55,8 +55,12 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
     from .checkpoints import read_config, resolve, write_json
-    from .evaluate import evaluate
+    from .evaluate import evaluate, refresh_complexity
 
+    if args.refresh_complexity:
+        summary = refresh_complexity(args.checkpoint, data_dir=args.data_dir)
+        print(json.dumps(summary["auroc"]) if args.json else f"refreshed the complexity scores of {args.checkpoint}")
+        return 0
     if args.background:
         cfg = read_config(args.checkpoint)
         read_config(args.background)  # fails clearly if it does not exist
@@ -195,6 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-write", action="store_true", help="do not update the checkpoint's reference files")
     e.add_argument("--background", default=None, help="link a background checkpoint (likelihood_ratio score)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument(
+        "--refresh-complexity",
+        action="store_true",
+        help="only recompute the complexity scores from the stored likelihoods (no model run)",
+    )
     e.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("score", help="score image files or folders")

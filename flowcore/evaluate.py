@@ -18,9 +18,10 @@ import torch
 
 from .checkpoints import CheckpointError, load, read_config, resolve, write_json
 from .data import DATASETS, DatasetNotFound, load_images, match_shape
-from .scores import SCORE_NAMES, auroc, compute_scores
+from .likelihood import nats_to_bpd
+from .scores import SCORE_NAMES, auroc, compressed_bits, compute_scores
 
-__all__ = ["evaluate", "load_reference", "auroc_table", "default_ood_sets", "histogram_figure"]
+__all__ = ["evaluate", "refresh_complexity", "load_reference", "auroc_table", "default_ood_sets", "histogram_figure"]
 
 REFERENCE = "reference.npz"
 
@@ -137,27 +138,66 @@ def evaluate(
             reference["train__typicality"] = -np.abs(scores["likelihood"] - np.mean(scores["likelihood"]))
     bar.close()
     dims = int(np.prod(shape))
-    test_bpd = -reference["test__likelihood"] / (dims * math.log(2))
     summary = {
-        "bpd_mean": round(float(np.mean(test_bpd)), 5),
-        "bpd_median": round(float(np.median(test_bpd)), 5),
+        **_bpd_summary(reference, dims),
         "n_draws": n_draws,
         "seed": seed,
         "counts": {k: len(v) for k, v in sets.items()},
-        "auroc": {k: {s: round(a, 5) for s, a in row.items()} for k, row in auroc_table(reference).items()},
+        "auroc": _rounded_aurocs(reference),
         "skipped_sets": skipped,
         "torch": torch.__version__,
     }
     if write and dist.is_main():
-        tmp = folder / f".{REFERENCE}.tmp.npz"
-        np.savez_compressed(
-            tmp, **{k: v.astype(np.float32) if k.endswith("__bpd") else v for k, v in reference.items()}
-        )
-        os.replace(tmp, folder / REFERENCE)
-        cfg["reference"] = summary
-        write_json(folder / "config.json", cfg)
-        histogram_figure(reference, folder / "histogram.png", title=cfg.get("name", folder.name), dims=dims)
+        _store(folder, cfg, reference, summary, dims)
     dist.barrier()
+    return summary
+
+
+def _bpd_summary(reference: dict[str, np.ndarray], dims: int) -> dict[str, float]:
+    test_bpd = -reference["test__likelihood"] / (dims * math.log(2))
+    return {"bpd_mean": round(float(np.mean(test_bpd)), 5), "bpd_median": round(float(np.median(test_bpd)), 5)}
+
+
+def _rounded_aurocs(reference: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    return {k: {s: round(a, 5) for s, a in row.items()} for k, row in auroc_table(reference).items()}
+
+
+def _store(folder: Path, cfg: dict[str, Any], reference: dict[str, np.ndarray], summary: dict, dims: int) -> None:
+    """Write reference.npz (atomically), the summary into config.json, and the histogram."""
+    tmp = folder / f".{REFERENCE}.tmp.npz"
+    np.savez_compressed(tmp, **{k: v.astype(np.float32) if k.endswith("__bpd") else v for k, v in reference.items()})
+    os.replace(tmp, folder / REFERENCE)
+    cfg["reference"] = summary
+    write_json(folder / "config.json", cfg)
+    histogram_figure(reference, folder / "histogram.png", title=cfg.get("name", folder.name), dims=dims)
+
+
+def refresh_complexity(checkpoint: str | os.PathLike, data_dir: str | None = None) -> dict[str, Any]:
+    """Recompute the input-complexity scores of stored reference statistics without the model.
+
+    Complexity = -(model bpd - codec bits/dim): the model part is the stored likelihood, so after a change of
+    codec settings only the images are re-encoded (seconds instead of a full evaluation). The images are
+    those ``evaluate`` used: the first ``counts[SET]`` of each set. Returns the updated summary.
+    """
+    folder = resolve(checkpoint)
+    cfg = read_config(folder)
+    summary, reference = cfg.get("reference"), load_reference(folder)
+    if not summary or "test__likelihood" not in reference:
+        raise CheckpointError(f"{folder}: no reference statistics to refresh (run flowcore evaluate first)")
+    shape = cfg["model"]["image_shape"]
+    dims = int(np.prod(shape))
+    for name, n in summary["counts"].items():
+        source, split = (cfg["dataset"], name) if name in ("train", "test") else (name, "test")
+        if source not in DATASETS and not source.startswith(("npz:", "folder:")):
+            raise CheckpointError(f"{folder}: cannot reload set {name!r} to refresh it; run flowcore evaluate")
+        x = match_shape(load_images(source, split, data_dir)[:n], shape)
+        ll = reference[f"{name}__likelihood"]
+        if len(x) != n or len(ll) != n:
+            raise CheckpointError(f"{folder}: set {name!r} no longer has the {n} images it was evaluated on")
+        for codec in ("png", "webp"):
+            reference[f"{name}__complexity_{codec}"] = -(nats_to_bpd(ll, dims) - compressed_bits(x, codec) / dims)
+    summary["auroc"] = _rounded_aurocs(reference)
+    _store(folder, cfg, reference, summary, dims)
     return summary
 
 

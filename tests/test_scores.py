@@ -7,6 +7,7 @@ from conftest import perturb_
 
 import flowcore
 from flowcore.scores import (
+    WEBP_METHOD,
     auroc,
     compressed_bits,
     compute_scores,
@@ -95,7 +96,7 @@ def test_compression_length_is_the_encoded_size_and_decodes_back():
             for img, b in zip(images, bits, strict=True):
                 buf = io.BytesIO()
                 kw = {"optimize": True, "compress_level": 9} if fmt == "PNG" else {
-                    "lossless": True, "quality": 100, "method": 6}
+                    "lossless": True, "quality": 100, "method": WEBP_METHOD}
                 Image.fromarray(img).save(buf, format=fmt, **kw)
                 assert b == 8 * len(buf.getvalue())
                 decoded = Image.open(io.BytesIO(buf.getvalue()))

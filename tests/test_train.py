@@ -196,6 +196,34 @@ def test_frozen_batchnorm_negative_fine_tune_lowers_the_evaluated_likelihood(tin
     assert flowcore.log_likelihood_nats(tuned, x_inv).mean() < flowcore.log_likelihood_nats(parent, x_inv).mean() - 50
 
 
+def test_refresh_complexity_reproduces_evaluate_without_the_model(tiny_data, tmp_path, monkeypatch):
+    from flowcore import evaluate as evaluate_mod
+    from flowcore.checkpoints import CheckpointError
+
+    npz, ood = tiny_data
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "mnist.npz").write_bytes(ood.read_bytes())  # a named set, so that refresh can reload it
+    train(_cfg(npz, epochs=1), run_dir=tmp_path / "e", export_dir=tmp_path / "ck", progress=False)
+    evaluate(tmp_path / "ck", data_dir=str(root), ood=["mnist"], train_subset=64)
+    fresh = load_reference(tmp_path / "ck")
+    summary = json.loads((tmp_path / "ck" / "config.json").read_text())["reference"]
+    # a different codec effort changes the stored complexity scores ...
+    monkeypatch.setattr("flowcore.scores.WEBP_METHOD", 0)
+    changed = evaluate_mod.refresh_complexity(tmp_path / "ck", data_dir=str(root))
+    assert not np.allclose(load_reference(tmp_path / "ck")["test__complexity_webp"], fresh["test__complexity_webp"])
+    assert changed["auroc"]["likelihood"] == summary["auroc"]["likelihood"]
+    # ... and refreshing with the original one restores exactly what evaluate wrote
+    monkeypatch.undo()
+    again = evaluate_mod.refresh_complexity(tmp_path / "ck", data_dir=str(root))
+    ref = load_reference(tmp_path / "ck")
+    assert ref.keys() == fresh.keys() and all(np.array_equal(ref[k], fresh[k]) for k in fresh)
+    assert again == summary
+    evaluate(tmp_path / "ck", ood=[f"npz:{ood}"], train_subset=64)  # an unnamed set cannot be reloaded
+    with pytest.raises(CheckpointError, match="cannot reload set 'noise'"):
+        evaluate_mod.refresh_complexity(tmp_path / "ck")
+
+
 def test_evaluate_auroc_matches_sklearn_and_cli(tiny_data, tmp_path, capsys):
     from sklearn.metrics import roc_auc_score
 
