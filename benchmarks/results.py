@@ -81,7 +81,13 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         lines.append(f"- Background model for the likelihood ratio: pixels replaced by noise w.p. {mu}")
     if t.get("negative"):
         n = t["negative"]
-        lines.append(f"- Negative training (App. B): pushed down on {n['dataset']} while log P > {n['threshold']} nats")
+        lines.append(
+            f"- Negative training (App. B, eq. 7): log P pushed down on {n['dataset']} (train split) while above"
+            f" c = {n['threshold']:g} nats (weight {n['weight']:g}); the paper used c = -30000 for this family"
+        )
+    if cfg.get("train_config", {}).get("freeze_batchnorm"):
+        lines.append("- BatchNorm frozen at the parent's running statistics during fine-tuning, so the trained"
+                     " objective is the evaluated likelihood")
     if cfg.get("dataset") == "cifar10":
         lines.append("- Data note: our CIFAR-10 copy is JPEG-degraded (quality 75; PSNR 30 dB against the originals)"
                      " and holds 25,000 of the 50,000 training images.")
@@ -131,7 +137,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 # The paper's claims, each checked on the shipped checkpoint(s) it concerns:
 # (claim, paper value or expectation, [(checkpoint, OOD set)], expectation): the expectation is a side of
-# 50 % ("<" or ">"), (control,): above the control checkpoint on the same OOD set, or None: report only.
+# 50 % ("<" or ">"), (control,): above the control checkpoint on the same OOD set, (control, "not above"):
+# not above it, or None: report only.
 CLAIMS = [
     ("Fashion-MNIST RealNVP gives MNIST higher likelihood", "10.8", [("fashion_realnvp", "mnist")], "<"),
     ("Fashion-MNIST Glow gives MNIST higher likelihood", "13.3", [("fashion_glow", "mnist")], "<"),
@@ -149,10 +156,13 @@ CLAIMS = [
      "higher than the baseline (Fig. 16)", [("fashion_realnvp_bottleneck", "mnist")], ("fashion_realnvp",)),
     ("App. B: negative training (Fashion up, MNIST down) separates the pair", "clear separation (Fig. 7e)",
      [("fashion_realnvp_negative", "mnist")], ">"),
-    ("App. B: ... but not a third set (notMNIST)", "not trained for", [("fashion_realnvp_negative", "notmnist")], None),
+    ("App. B: ... but not a third set: notMNIST no better than under `fashion_realnvp`",
+     "not trained for (Fig. 7 shows pairs only)", [("fashion_realnvp_negative", "notmnist")],
+     ("fashion_realnvp", "not above")),
     ("App. B: negative training (MNIST up, Fashion down) separates the pair", "clear separation (Fig. 7f)",
      [("mnist_realnvp_negative", "fashion_mnist")], ">"),
-    ("App. B: ... and the third set (notMNIST)", "not trained for", [("mnist_realnvp_negative", "notmnist")], None),
+    ("App. B: ... and the third set (notMNIST), against `mnist_realnvp`", "not trained for",
+     [("mnist_realnvp_negative", "notmnist")], None),
 ]
 
 
@@ -178,7 +188,8 @@ def findings_table(shipped: set[str]) -> list[str]:
             if any(c is None for c in control):
                 verdict = f"control `{side[0]}` not shipped"
             else:
-                ok = all(v is not None and v > c for (_, _, v), c in zip(vals, control, strict=True))
+                above = [v is not None and v > c for (_, _, v), c in zip(vals, control, strict=True)]
+                ok = not any(above) if side[1:] == ("not above",) else all(above)
                 measured += f" (control `{side[0]}`: " + ", ".join(_fmt(c) for c in control) + ")"
                 verdict = "yes" if ok else "**no**"
         else:
