@@ -105,6 +105,13 @@ def checkpoint_section(name: str) -> tuple[str, str]:
             f"- JPEG effect: {lossless:.3f} bits/dim on {ref['counts']['cifar10_lossless']} exact (lossless) CIFAR-10"
             f" test images vs {jpeg:.3f} on the JPEG test set (column `cifar10_lossless` below)"
         )
+        tell = ref["auroc"].get("likelihood", {}).get("cifar10_lossless")
+        if tell is not None:
+            lines.append(
+                f"- The likelihood tells the JPEG test set from exact originals of the same kind of images with AUROC"
+                f" {_fmt(tell)} %: the model has learned the codec's local statistics, so its AUROC against"
+                " differently processed sets (our CelebA copy) is not comparable with the paper's lossless data"
+            )
     if not ref:
         lines += ["- Not evaluated yet (`flowcore evaluate " + name + "`).", ""]
         text = "\n".join(lines)
