@@ -96,9 +96,7 @@ def checkpoint_section(name: str) -> tuple[str, str]:
                      " central crop, 32x32); the first 9,000 train, the last 1,000 are the test set.")
     if ref and "cifar10_lossless" in ref.get("counts", {}):
         r = load_reference(name)
-        dims = 1
-        for d in m["image_shape"]:
-            dims *= d
+        dims = int(np.prod(m["image_shape"]))
         lossless = float(np.mean(-r["cifar10_lossless__likelihood"] / (dims * np.log(2))))
         jpeg = float(np.mean(-r["test__likelihood"] / (dims * np.log(2))))
         lines.append(

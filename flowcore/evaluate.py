@@ -19,7 +19,7 @@ import torch
 from .checkpoints import CheckpointError, load, read_config, resolve, write_json
 from .data import DATASETS, DatasetNotFound, load_images, match_shape
 from .likelihood import nats_to_bpd
-from .scores import SCORE_NAMES, auroc, compressed_bits, compute_scores
+from .scores import SCORE_NAMES, auroc, complexity, compute_scores
 
 __all__ = ["evaluate", "refresh_complexity", "load_reference", "auroc_table", "default_ood_sets", "histogram_figure"]
 
@@ -195,7 +195,7 @@ def refresh_complexity(checkpoint: str | os.PathLike, data_dir: str | None = Non
         if len(x) != n or len(ll) != n:
             raise CheckpointError(f"{folder}: set {name!r} no longer has the {n} images it was evaluated on")
         for codec in ("png", "webp"):
-            reference[f"{name}__complexity_{codec}"] = -(nats_to_bpd(ll, dims) - compressed_bits(x, codec) / dims)
+            reference[f"{name}__complexity_{codec}"] = complexity(nats_to_bpd(ll, dims), x, codec)
     summary["auroc"] = _rounded_aurocs(reference)
     _store(folder, cfg, reference, summary, dims)
     return summary

@@ -73,6 +73,12 @@ def compressed_bits(images, codec: str = "png") -> np.ndarray:
     return out
 
 
+def complexity(bpd: np.ndarray, images, codec: str) -> np.ndarray:
+    """Input complexity (Serra et al.): -(model bpd - lossless ``codec`` bits/dim) of each image."""
+    dims = as_image_tensor(images)[0].numel()
+    return -(bpd - compressed_bits(images, codec) / dims)
+
+
 def compute_scores(
     model: nn.Module,
     images,
@@ -104,7 +110,7 @@ def compute_scores(
         out[f"scale_{s}"] = terms["prior_by_scale"][:, s]
     out["last_scale"] = terms["prior_by_scale"][:, -1]
     for codec in ("png", "webp"):
-        out[f"complexity_{codec}"] = -(bpd - compressed_bits(x, codec) / dims)
+        out[f"complexity_{codec}"] = complexity(bpd, x, codec)
     if reference is not None and "train__likelihood" in reference:
         out["typicality"] = -np.abs(ll - float(np.mean(reference["train__likelihood"])))
     if background is not None:
