@@ -123,8 +123,11 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+def _lr_at(cfg: TrainConfig, step: int, total_steps: int, warm_from: int = 0) -> float:
+    """Learning rate at global ``step``; the linear warmup starts at ``warm_from`` (0, or where a resumed run's
+    schedule was extended: jumping from an annealed rate straight back to a high one knocks a converged model
+    far off its optimum, e.g. MNIST 1.83 -> 2.65 test bpd within 32 steps)."""
+    warm = min(1.0, (step - warm_from + 1) / max(1, cfg.warmup_steps))
     if cfg.lr_schedule == "cosine":
         frac = min(1.0, step / max(1, total_steps))
         return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * frac))
@@ -240,13 +243,18 @@ def train(
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
     total_steps = steps_per_epoch * cfg.epochs
-    pos = {"epoch": 0, "step": 0, "elapsed": 0.0, "skipped": 0}
+    pos = {"epoch": 0, "step": 0, "elapsed": 0.0, "skipped": 0, "total_steps": total_steps, "warm_from": 0}
     if resume and state_path.is_file():
         st = _load_state(state_path)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["optimizer"])
-        pos = {k: st["position"][k] for k in pos}
+        saved = st["position"]
+        pos = {k: saved.get(k, pos[k]) for k in pos}
         log(event="resume", **pos)
+        if saved.get("total_steps") != total_steps:  # more (or fewer) epochs than saved: warm up again from here
+            pos["total_steps"] = total_steps
+            pos["warm_from"] = pos["epoch"] * steps_per_epoch + pos["step"]
+            log(event="schedule_extended", total_steps=total_steps, warm_from=pos["warm_from"])
     elif state_path.is_file() and not resume:
         raise FileExistsError(f"{state_path} exists: pass --resume to continue it, or remove {run_dir}")
     else:
@@ -323,7 +331,7 @@ def train(
                 k = _add_pixel_noise(k, cfg.pixel_noise_mu, gen)
             v = dequantize(k, "uniform", gen)[local].to(device)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, global_step, total_steps)
+                group["lr"] = _lr_at(cfg, global_step, total_steps, pos["warm_from"])
             # BatchNorm running stats change in the forward pass: keep them to undo a skipped step
             buffers_before = [b.clone() for b in model.buffers()]
             v_neg = None

@@ -1,6 +1,7 @@
 """Issue 4: training drops bpd, resumes exactly, never saves NaN; evaluate and the CLI."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -69,6 +70,22 @@ def test_bpd_drops_and_resume_is_exact(tiny_data, tmp_path):
     meta = json.loads((tmp_path / "ck_b" / "config.json").read_text())
     assert meta["training"]["images_seen"] == 2 * 256 // 32 * 32
     assert meta["dataset"].startswith("npz:")
+
+
+def test_resume_with_more_epochs_warms_up_again(tiny_data, tmp_path):
+    npz, _ = tiny_data
+    train(_cfg(npz, epochs=1, warmup_steps=4, log_every=1), run_dir=tmp_path / "r", progress=False,
+          export_dir=tmp_path / "ck")
+    train(_cfg(npz, epochs=2, warmup_steps=4, log_every=1), run_dir=tmp_path / "r", resume=True, progress=False,
+          export_dir=tmp_path / "ck")
+    log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    ext = [e for e in log if e["event"] == "schedule_extended"]
+    assert [(e["total_steps"], e["warm_from"]) for e in ext] == [(16, 8)]
+    lr = {e["step"]: e["lr"] for e in log if e["event"] == "train"}
+    assert lr[7] == pytest.approx(3e-3 * 0.5 * (1 + math.cos(math.pi * 7 / 8)))  # first schedule: 8-step cosine
+    for step in range(8, 16):  # then a fresh 4-step warmup into the longer cosine, not a jump
+        cosine = 0.5 * (1 + math.cos(math.pi * step / 16))
+        assert lr[step] == pytest.approx(3e-3 * min(1.0, (step - 7) / 4) * cosine), step
 
 
 def test_crash_during_save_keeps_previous_state(tiny_data, tmp_path, monkeypatch):
