@@ -122,6 +122,16 @@ def checkpoint_section(name: str) -> tuple[str, str]:
                 f"- That was an earlier state of `{p['checkpoint']}`: the shipped one has since trained on to "
                 f"{now.get('epochs_completed', '?')} epochs ({now.get('cpu_minutes', '?')} min)"
             )
+    if m.get("bottleneck"):
+        from flowcore.models import build
+
+        wider = {w: count_parameters(build({**m, "bottleneck": w})) * 4 / 1e6 for w in (50, 100)}
+        lines.append(
+            "- The paper's wider bottlenecks (Fig. 16) are not shipped: at this size l = 50 and l = 100 would take "
+            + " and ".join(f"{mb:.1f} MB" for mb in wider.values())
+            + " of float32 weights (the bottleneck is dense over the whole feature map), over the 15 MB per-checkpoint"
+            " budget"
+        )
     if t.get("pixel_noise_mu"):
         mu = t["pixel_noise_mu"]
         lines.append(f"- Background model for the likelihood ratio: pixels replaced by noise w.p. {mu}")
