@@ -60,8 +60,8 @@ ZOO_TOUR = {
     "fashion_realnvp_horizontal": "horizontal masks (App. G): same failure; the coupling views are easy to read.",
     "fashion_realnvp_cycle": "cycle-mask (App. I, Sec. 7): pixels cannot see their neighbours, so MNIST is less"
     " favoured; compare it with the horizontal one, which has the same size and budget.",
-    "fashion_realnvp_bottleneck": "st-nets squeezed through 10 channels (Sec. 7): less room for generic"
-    " pixel prediction.",
+    "fashion_realnvp_bottleneck": "every st-net squeezed through a dense layer of 10 units (Sec. 7):"
+    " less room for generic pixel prediction.",
     "fashion_realnvp_negative": "negative training (App. B): MNIST was pushed down in training and is now"
     " separated; compare notMNIST, which it never saw (docs/results.md has the numbers).",
     "mnist_realnvp_negative": "negative training the other way: Fashion-MNIST pushed down under an MNIST model.",
