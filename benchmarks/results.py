@@ -19,7 +19,8 @@ import numpy as np
 from flowcore.checkpoints import CheckpointError, checkpoints_dir, list_checkpoints, read_config
 from flowcore.config import describe_architecture
 from flowcore.evaluate import auroc_table, load_reference
-from flowcore.models import count_parameters
+from flowcore.likelihood import nats_to_bpd
+from flowcore.models import build, count_parameters
 from flowcore.scores import SCORE_DESCRIPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,7 +55,7 @@ def _is_baseline(cfg: dict) -> bool:
 def _mean_bpd(name: str, split: str) -> float:
     """Mean bits/dim of a stored reference split (``test`` or an OOD set's name)."""
     dims = int(np.prod(read_config(name)["model"]["image_shape"]))
-    return float(np.mean(-load_reference(name)[f"{split}__likelihood"] / (dims * np.log(2))))
+    return float(np.mean(nats_to_bpd(load_reference(name)[f"{split}__likelihood"], dims)))
 
 
 # The issue's test bits/dim targets: (data, dataset name, target, best published / the paper's code)
@@ -68,11 +69,11 @@ TARGETS = [
 def targets_table(names: list[str]) -> list[str]:
     """Test bits/dim of each baseline checkpoint against the quality target for its data."""
     rows = ["| data | target | published | checkpoint: test bpd (CPU min) | met |", "|---|---|---|---|---|"]
+    baselines = {name: cfg for name in names if _is_baseline(cfg := read_config(name)) and cfg.get("reference")}
     for label, dataset, target, published in TARGETS:
         got = []
-        for name in names:
-            cfg = read_config(name)
-            if cfg.get("dataset") != dataset or not _is_baseline(cfg) or not cfg.get("reference"):
+        for name, cfg in baselines.items():
+            if cfg.get("dataset") != dataset:
                 continue
             bpd = cfg["reference"]["bpd_mean"]
             text = f"`{name}`: {bpd:.3f}"
@@ -123,12 +124,10 @@ def checkpoint_section(name: str) -> tuple[str, str]:
                 f"{now.get('epochs_completed', '?')} epochs ({now.get('cpu_minutes', '?')} min)"
             )
     if m.get("bottleneck"):
-        from flowcore.models import build
-
-        wider = {w: count_parameters(build({**m, "bottleneck": w})) * 4 / 1e6 for w in (50, 100)}
+        wider_mb = [count_parameters(build({**m, "bottleneck": w})) * 4 / 1e6 for w in (50, 100)]
         lines.append(
             "- The paper's wider bottlenecks (Fig. 16) are not shipped: at this size l = 50 and l = 100 would take "
-            + " and ".join(f"{mb:.1f} MB" for mb in wider.values())
+            + " and ".join(f"{mb:.1f} MB" for mb in wider_mb)
             + " of float32 weights (the bottleneck is dense over the whole feature map), over the 15 MB per-checkpoint"
             " budget"
         )
