@@ -279,6 +279,13 @@ def train(
         )
 
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
+    done = pos["epoch"] * steps_per_epoch + pos["step"] >= total_steps
+    if budget is not None and pos["elapsed"] >= 60 * budget and not done:
+        # max_minutes counts the whole run, resumes included: without this a resume would train one step and stop
+        raise ValueError(
+            f"{run_dir} has already trained {pos['elapsed'] / 60:.1f} minutes, over its budget of {budget:g}"
+            " (max_minutes counts the whole run): pass a larger --max-minutes to continue it"
+        )
     start_elapsed, t0 = pos["elapsed"], time.time()
     last_save = time.time()
 

@@ -88,6 +88,21 @@ def test_resume_with_more_epochs_warms_up_again(tiny_data, tmp_path):
         assert lr[step] == pytest.approx(3e-3 * min(1.0, (step - 7) / 4) * cosine), step
 
 
+def test_resume_over_budget_says_so_instead_of_training_a_step(tiny_data, tmp_path):
+    npz, _ = tiny_data
+    train(_cfg(npz), run_dir=tmp_path / "r", max_steps=3, progress=False)
+    state_path = tmp_path / "r" / "state.pt"
+    st = torch.load(state_path, weights_only=True)
+    st["position"]["elapsed"] = 90.0  # as if the run had used 1.5 minutes
+    torch.save(st, state_path)
+    with pytest.raises(ValueError, match="over its budget of 1 .*--max-minutes"):
+        train(_cfg(npz, max_minutes=1), run_dir=tmp_path / "r", resume=True, progress=False)
+    assert torch.load(state_path, weights_only=True)["position"]["step"] == 3  # nothing trained, nothing lost
+    out = train(_cfg(npz, max_minutes=1), run_dir=tmp_path / "r", resume=True, max_minutes=5,
+                export_dir=tmp_path / "ck", progress=False)
+    assert out["stopped_by"] == "epochs"
+
+
 def test_crash_during_save_keeps_previous_state(tiny_data, tmp_path, monkeypatch):
     npz, _ = tiny_data
     train(_cfg(npz), run_dir=tmp_path / "r", max_steps=2, progress=False)
