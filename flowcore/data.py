@@ -282,8 +282,24 @@ def _from_npz(path: Path, split: str) -> np.ndarray:
             x = np.asarray(d["x_test"], dtype=np.uint8)
             return x[:CELEBA_TRAIN] if split == "train" else x[CELEBA_TRAIN:]
         if key in d.files:
-            return np.asarray(d[key], dtype=np.uint8)
+            x = np.asarray(d[key], dtype=np.uint8)
+            labels = f"y_{split}"
+            return _interleave_classes(x, np.asarray(d[labels])) if labels in d.files else x
         raise DatasetNotFound(f"{path} has no {key!r} array (arrays: {', '.join(d.files)})")
+
+
+def _interleave_classes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """``x`` in round-robin class order when it is stored class-major (labels sorted), else unchanged.
+
+    Evaluation and the app take the first N images of a set; of a class-major copy (our staged CIFAR-10
+    test set) that would be the first few classes only. Interleaving makes every prefix class-balanced.
+    """
+    y = y.astype(np.int64)  # np.diff of unsigned labels would wrap around instead of going negative
+    if y.ndim != 1 or len(y) != len(x) or len(x) < 2 or np.any(np.diff(y) < 0) or y[0] == y[-1]:
+        return x
+    _, first, counts = np.unique(y, return_index=True, return_counts=True)
+    within = np.arange(len(y)) - np.repeat(first, counts)  # index of each image inside its class
+    return x[np.lexsort((y, within))]
 
 
 def load_images(

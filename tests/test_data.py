@@ -156,6 +156,19 @@ def test_cifar_python_batches(tmp_path):
     assert np.array_equal(load_images("cifar10", "test", tmp_path), test)
 
 
+def test_class_major_npz_is_interleaved_so_every_prefix_is_balanced(tmp_path):
+    # our staged CIFAR-10 test set is stored class by class: its first 5000 would be 5 classes only
+    y = np.repeat(np.arange(3, dtype=np.uint8), [4, 3, 3])
+    x = (np.arange(10, dtype=np.uint8)[:, None, None] * np.ones((1, 8, 8), np.uint8))  # image i is all i
+    np.savez(tmp_path / "sorted.npz", x_test=x, y_test=y, x_train=x,
+             y_train=np.array([0, 1, 0, 1, 0, 1, 0, 1, 2, 2], np.uint8))  # uint8 labels, as staged
+    got = load_images(f"npz:{tmp_path / 'sorted.npz'}", "test")[:, 0, 0]
+    assert got.tolist() == [0, 4, 7, 1, 5, 8, 2, 6, 9, 3]  # round robin over the classes, in order within each
+    assert np.array_equal(load_images(f"npz:{tmp_path / 'sorted.npz'}", "train"), x)  # unsorted labels: as stored
+    np.savez(tmp_path / "one_class.npz", x_test=x, y_test=np.zeros(10, np.uint8))
+    assert np.array_equal(load_images(f"npz:{tmp_path / 'one_class.npz'}", "test"), x)
+
+
 def test_cifar_python2_opcodes(tmp_path):
     x = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     flat = x.transpose(0, 3, 1, 2).reshape(3, 3072)
