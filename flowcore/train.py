@@ -280,7 +280,7 @@ def train(
 
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
     done = pos["epoch"] * steps_per_epoch + pos["step"] >= total_steps
-    if budget is not None and pos["elapsed"] >= 60 * budget and not done:
+    if resume and pos["elapsed"] > 0 and budget is not None and pos["elapsed"] >= 60 * budget and not done:
         # max_minutes counts the whole run, resumes included: without this a resume would train one step and stop
         raise ValueError(
             f"{run_dir} has already trained {pos['elapsed'] / 60:.1f} minutes, over its budget of {budget:g}"
