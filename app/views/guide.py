@@ -71,6 +71,7 @@ ZOO_TOUR = {
     "cifar10_realnvp_lossless": "the same model fine-tuned on exact CIFAR-10 images: CelebA faces now score"
     " close to CIFAR-10 (near chance, as in the paper), and JPEG copies score above the exact originals.",
     "cifar10_glow": "a Glow on the same JPEG-degraded CIFAR-10, for the Glow column of Table 1.",
+    "cifar10_glow_lossless": "that Glow fine-tuned on exact CIFAR-10 images, like `cifar10_realnvp_lossless`.",
     "celeba_realnvp": "RGB 32x32, trained on CelebA faces.",
 }
 
