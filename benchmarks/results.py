@@ -116,6 +116,43 @@ def _fmt(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.1f}"
 
 
+def _jpeg_effect(name: str, cfg: dict) -> list[str]:
+    """Card lines comparing exact and JPEG-degraded CIFAR-10 test images, for a model evaluated on both.
+
+    A JPEG-trained model meets the exact images as its OOD column ``cifar10_lossless``; a model fine-tuned on
+    exact images meets the JPEG set as its OOD column ``cifar10``. The AUROC's positive class is the test set.
+    """
+    ref = cfg.get("reference") or {}
+    counts = ref.get("counts", {})
+    trained_on_exact = cfg.get("dataset") == "cifar10_lossless"
+    column = "cifar10" if trained_on_exact else "cifar10_lossless"
+    if column not in counts:
+        return []
+    test, other = _mean_bpd(name, "test"), _mean_bpd(name, column)
+    lossless, jpeg = (test, other) if trained_on_exact else (other, test)
+    if trained_on_exact:
+        where = f"on the exact test images vs {jpeg:.3f} on {counts[column]} JPEG-degraded test images"
+    else:
+        where = f"on {counts[column]} exact (lossless) CIFAR-10 test images vs {jpeg:.3f} on the JPEG test set"
+    lines = [f"- JPEG effect: {lossless:.3f} bits/dim {where} (column `{column}` below)"]
+    tell = ref["auroc"].get("likelihood", {}).get(column)
+    if tell is None:
+        return lines
+    if not trained_on_exact:
+        lines.append(
+            f"- The likelihood tells the JPEG test set from exact originals of the same kind of images with AUROC"
+            f" {_fmt(tell)} %: the model has learned the codec's local statistics, so its AUROC against"
+            " differently processed sets (our CelebA copy) is not comparable with the paper's lossless data"
+        )
+    elif tell < 0.5:
+        lines.append(
+            f"- Trained on exact images, the model still gives the JPEG copies higher likelihood (AUROC"
+            f" {_fmt(tell)} %): the codec removes high-frequency detail, the costliest part of an image to"
+            " encode, so smoother inputs look more likely, the paper's argument in miniature"
+        )
+    return lines
+
+
 def checkpoint_section(name: str) -> tuple[str, str]:
     """(section of docs/results.md, model card) for one checkpoint."""
     cfg = read_config(name)
@@ -176,32 +213,7 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     if cfg.get("dataset") == "celeba32":
         lines.append("- Data note: celeba32.npz holds CelebA faces 1-10,000 (from a 2x-downscaled JPEG copy, RealNVP"
                      " central crop, 32x32); the first 9,000 train, the last 1,000 are the test set.")
-    if ref and "cifar10_lossless" in ref.get("counts", {}):
-        lossless, jpeg = _mean_bpd(name, "cifar10_lossless"), _mean_bpd(name, "test")
-        lines.append(
-            f"- JPEG effect: {lossless:.3f} bits/dim on {ref['counts']['cifar10_lossless']} exact (lossless) CIFAR-10"
-            f" test images vs {jpeg:.3f} on the JPEG test set (column `cifar10_lossless` below)"
-        )
-        tell = ref["auroc"].get("likelihood", {}).get("cifar10_lossless")
-        if tell is not None:
-            lines.append(
-                f"- The likelihood tells the JPEG test set from exact originals of the same kind of images with AUROC"
-                f" {_fmt(tell)} %: the model has learned the codec's local statistics, so its AUROC against"
-                " differently processed sets (our CelebA copy) is not comparable with the paper's lossless data"
-            )
-    if ref and cfg.get("dataset") == "cifar10_lossless" and "cifar10" in ref.get("counts", {}):
-        lossless, jpeg = _mean_bpd(name, "test"), _mean_bpd(name, "cifar10")
-        lines.append(
-            f"- JPEG effect: {lossless:.3f} bits/dim on the exact test images vs {jpeg:.3f} on"
-            f" {ref['counts']['cifar10']} JPEG-degraded test images (column `cifar10` below)"
-        )
-        tell = ref["auroc"].get("likelihood", {}).get("cifar10")
-        if tell is not None and tell < 0.5:
-            lines.append(
-                f"- Trained on exact images, the model still gives the JPEG copies higher likelihood (AUROC"
-                f" {_fmt(tell)} %): the codec removes high-frequency detail, the costliest part of an image to"
-                " encode, so smoother inputs look more likely, the paper's argument in miniature"
-            )
+    lines += _jpeg_effect(name, cfg)
     if not ref:
         lines += ["- Not evaluated yet (`flowcore evaluate " + name + "`).", ""]
         text = "\n".join(lines)
