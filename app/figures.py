@@ -122,15 +122,21 @@ def histogram(
                 hovertemplate=f"{label}: {float(x):.5g}<extra></extra>",
             )
         )
+    # The legend goes below the x axis. Placed in plot-area units it slid onto the axis title whenever many
+    # entries shrank the plot, so the figure grows by a row per entry (the plot keeps ``height``) and the
+    # legend's top is pinned a fixed number of pixels below the plot, in figure-container units.
+    axis_px, row_px = 55, 21
+    bottom = axis_px + row_px * len(fig.data) + 10
+    total = height + bottom
     fig.update_layout(
         barmode="overlay",
         title=title or None,
         xaxis_title=xlabel,
         yaxis_title="density",
         yaxis2={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True},
-        legend={"orientation": "h", "yanchor": "top", "y": -0.2, "x": 0},
-        margin={"l": 50, "r": 10, "t": 40 if title else 10, "b": 10},
-        height=height,
+        legend={"orientation": "h", "yref": "container", "yanchor": "top", "y": (bottom - axis_px) / total, "x": 0},
+        margin={"l": 50, "r": 10, "t": 40 if title else 10, "b": bottom},
+        height=total,
     )
     return fig
 

@@ -306,6 +306,19 @@ def test_histogram_traces() -> None:
     assert hists[0].xbins.size == hists[2].xbins.size  # shared bins
 
 
+def test_histogram_legend_below_axis_title_whatever_its_length() -> None:
+    """More legend entries grow the figure, not shrink the plot: the legend never slides onto the axis title."""
+    plot_heights, gaps = set(), set()
+    for n in (1, 4, 12):
+        sets = {f"set{i}": np.arange(10.0) + i for i in range(n)}
+        fig = figures.histogram(sets, [(f"img{i}.png", 3.0) for i in range(n)], xlabel="bpd", height=300)
+        layout = fig.layout
+        plot_heights.add(layout.height - layout.margin.t - layout.margin.b)
+        assert layout.legend.yref == "container" and layout.legend.yanchor == "top"
+        gaps.add(round(layout.margin.b - layout.legend.y * layout.height, 6))  # px from plot bottom to legend top
+    assert plot_heights == {300 - 10} and len(gaps) == 1 and gaps.pop() >= 50
+
+
 def test_image_panels() -> None:
     gray = [np.zeros((28, 28), np.uint8), np.ones((1, 28, 28)) * 0.5]
     fig = figures.image_grid(gray, ["a", "b"], cols=2, box=(9, 9, 9, 9))
