@@ -125,11 +125,11 @@ def _jpeg_effect(name: str, cfg: dict) -> list[str]:
     ref = cfg.get("reference") or {}
     counts = ref.get("counts", {})
     trained_on_exact = cfg.get("dataset") == "cifar10_lossless"
-    column = "cifar10" if trained_on_exact else "cifar10_lossless"
+    exact_split, jpeg_split = ("test", "cifar10") if trained_on_exact else ("cifar10_lossless", "test")
+    column = jpeg_split if trained_on_exact else exact_split  # the one of the two that is an OOD set here
     if column not in counts:
         return []
-    test, other = _mean_bpd(name, "test"), _mean_bpd(name, column)
-    lossless, jpeg = (test, other) if trained_on_exact else (other, test)
+    lossless, jpeg = _mean_bpd(name, exact_split), _mean_bpd(name, jpeg_split)
     if trained_on_exact:
         where = f"on the exact test images vs {jpeg:.3f} on {counts[column]} JPEG-degraded test images"
     else:
