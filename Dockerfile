@@ -9,4 +9,5 @@ COPY app ./app
 COPY checkpoints ./checkpoints
 RUN pip install --no-cache-dir -e ".[app]"
 EXPOSE 8501
-CMD ["flowcore", "app", "--port", "8501"]
+# inside a container the app must listen on every interface to be reachable through -p
+CMD ["flowcore", "app", "--port", "8501", "--host", "0.0.0.0"]

@@ -29,7 +29,7 @@ import flowcore
 from flowcore.checkpoints import CheckpointError, checkpoints_dir, list_checkpoints, read_config, resolve
 from flowcore.data import DATASETS, DatasetNotFound, load_images
 from flowcore.evaluate import auroc_table, default_ood_sets, load_reference, set_label
-from flowcore.images import ImageError, decode_image, preprocess
+from flowcore.images import IMAGE_SUFFIXES, ImageError, decode_image, preprocess
 from flowcore.inspection import default_box, receptive_field_size
 from flowcore.likelihood import nats_to_bpd
 from flowcore.scores import SCORE_NAMES, compute_scores
@@ -85,7 +85,7 @@ __all__ = [
 ]
 
 DEFAULT_CHECKPOINT = "fashion_realnvp"
-IMAGE_TYPES = ["png", "jpg", "jpeg", "gif", "bmp", "webp", "tif", "tiff"]
+IMAGE_TYPES = [s.lstrip(".") for s in IMAGE_SUFFIXES]  # the uploader's list: flowcore.images' formats
 ADDED_KEY = "added_inputs"
 UPLOAD_KEY = "uploads"
 CHECKPOINT_KEY = "checkpoint"

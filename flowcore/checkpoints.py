@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -44,12 +44,13 @@ def list_checkpoints() -> list[str]:
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A bare name resolves inside ``checkpoints/``; anything else is a path to a folder."""
+    """A bare name resolves inside ``checkpoints/`` first (a folder of that name in the working directory never
+    shadows a shipped checkpoint: write ``./NAME`` for it); anything else is a path to a folder."""
     p = Path(name_or_path)
+    bare = len(p.parts) == 1 and not str(name_or_path).startswith(".")
+    if bare and (checkpoints_dir() / p).exists():
+        return checkpoints_dir() / p
     if not p.exists() and len(p.parts) == 1:
-        candidate = checkpoints_dir() / p
-        if candidate.exists():
-            return candidate
         known = ", ".join(list_checkpoints()) or "none"
         raise CheckpointError(f"no checkpoint named {str(name_or_path)!r} (known: {known})")
     if not p.is_dir():
@@ -117,21 +118,49 @@ def read_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
+def _check_shapes(weights: Path, flow_cfg: FlowConfig) -> None:
+    """Compare the safetensors header's tensor shapes with the config's architecture, built on the meta
+    device (no memory): a mismatched or hostile pair fails here, in milliseconds, with one line."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        skeleton = build(flow_cfg)
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if found != wanted:
+        missing, extra = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
+        wrong = [k for k in sorted(wanted.keys() & found.keys()) if wanted[k] != found[k]]
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                 f"{len(wrong)} of another shape (e.g. {wrong[0]}: {found[wrong[0]]} vs {wanted[wrong[0]]})"
+                 if wrong else ""]
+        detail = "; ".join(p for p in parts if p)
+        raise CheckpointError(f"{weights}: weights do not match config.json ({detail})")
+
+
 def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Build the model described by ``config.json`` and load its safetensors weights (eval mode)."""
     folder = resolve(name_or_path)
     cfg = read_config(folder)
     try:
-        model = build(FlowConfig.from_dict(cfg["model"]))
+        flow_cfg = FlowConfig.from_dict(cfg["model"])
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{folder / CONFIG}: invalid model config ({e})") from None
     weights = folder / WEIGHTS
     if not weights.is_file():
         raise CheckpointError(f"{weights}: missing weights file")
+    _check_shapes(weights, flow_cfg)  # before anything of the model's size is allocated
+    model = build(flow_cfg)
     try:
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    for key, tensor in state.items():
+        # NaN weights (or a NaN BatchNorm running_var) give NaN scores, which would read as verdicts
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{weights}: tensor {key!r} holds non-finite values (NaN or inf)")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

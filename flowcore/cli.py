@@ -10,6 +10,7 @@ device, see :mod:`flowcore.distributed`): the work is split across processes and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -27,7 +28,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_train_config(args.config)
     if args.epochs is not None:
-        cfg.epochs = args.epochs
+        cfg = dataclasses.replace(cfg, epochs=args.epochs)  # validated like the file's own value
     summary = train(
         cfg,
         run_dir=args.run_dir,
@@ -38,6 +39,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         max_steps=args.max_steps,
         progress=not args.no_progress,
         device=args.device,
+        replace=args.replace,
     )
     if not _is_main():
         return 0
@@ -161,6 +163,8 @@ def _cmd_app(args: argparse.Namespace) -> int:
         str(home),
         "--server.port",
         str(args.port),
+        "--server.address",
+        args.host,
         "--server.headless",
         "true",
         "--browser.gatherUsageStats",
@@ -178,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", default=None, help="run folder (default runs/NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in the run folder")
     t.add_argument("--data-dir", default=None, help="dataset root (default $FLOWCORE_DATA_DIR)")
-    t.add_argument("--export", default=None, help="checkpoint folder to export to (default checkpoints/NAME)")
+    t.add_argument("--export", default=None, help="checkpoint folder to export to (default RUN_DIR/checkpoint)")
+    t.add_argument("--replace", action="store_true", help="allow replacing a model already in the export folder")
     t.add_argument("--max-minutes", type=float, default=None)
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--max-steps", type=int, default=None, help="stop after N steps of this call (state saved)")
@@ -227,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("app", help="start the dashboard")
     a.add_argument("--port", type=int, default=8501)
+    a.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1, this machine only; 0.0.0.0 for every interface)")
     a.add_argument("--checkpoint", default=None, help="checkpoint selected at start (default fashion_realnvp)")
     a.set_defaults(func=_cmd_app)
     return p

@@ -5,11 +5,36 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-__all__ = ["FlowConfig", "as_config", "describe_architecture"]
+__all__ = ["FlowConfig", "as_config", "describe_architecture", "check_int", "check_number"]
 
 ARCHS = ("realnvp", "glow", "realnvp_tabular")
 MASKS = ("checkerboard", "horizontal", "cycle")
 NETS = ("resnet", "glow")
+# A rough upper bound on the st-networks' weights (see ``_weight_estimate``): the paper's largest model has
+# 69M parameters; 250M float32 weights already take 1 GB before a single activation.
+MAX_WEIGHTS = 250_000_000
+
+
+def check_int(name: str, value: Any, lo: int, hi: int | None = None, optional: bool = False) -> None:
+    """Refuse anything but a whole number in ``[lo, hi]`` (``None`` too when ``optional``), with one line."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be a whole number, got {value!r}")
+    if value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in {lo}..{hi if hi is not None else 'inf'}, got {value}")
+
+
+def check_number(name: str, value: Any, lo: float, hi: float | None = None, *, optional: bool = False,
+                 open_low: bool = False) -> None:
+    """Refuse anything but a finite number in ``[lo, hi]`` (``(lo, hi]`` when ``open_low``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or abs(value) == float("inf"):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if value < lo or (open_low and value == lo) or (hi is not None and value > hi):
+        low = "(" if open_low else "["
+        raise ValueError(f"{name} must be in {low}{lo:g}, {hi if hi is not None else 'inf'}], got {value}")
 
 
 @dataclass
@@ -42,6 +67,17 @@ class FlowConfig:
     logit_alpha: float = 0.05
 
     def __post_init__(self) -> None:
+        # sizes first, before anything is allocated: an absurd config is refused in microseconds
+        for key in ("arch", "mask"):
+            if not isinstance(getattr(self, key), str):
+                raise ValueError(f"{key} must be a string, got {getattr(self, key)!r}")
+        check_int("scales", self.scales, 1, 6)
+        check_int("hidden", self.hidden, 1, 2048)
+        check_int("blocks", self.blocks, 1, 64)
+        check_int("steps", self.steps, 1, 128)
+        check_int("couplings", self.couplings, 1, 128)
+        check_int("bottleneck", self.bottleneck, 1, 4096, optional=True)
+        check_number("logit_alpha", self.logit_alpha, 0.0, 0.5)
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
         if self.mask not in MASKS:
@@ -51,12 +87,14 @@ class FlowConfig:
         if self.net not in NETS:
             raise ValueError(f"unknown net {self.net!r}; expected one of {NETS}")
         if self.arch == "realnvp_tabular":
-            if not self.dim or self.dim < 2:
-                raise ValueError("realnvp_tabular needs dim >= 2")
+            check_int("dim", self.dim, 2, 100_000)
         else:
-            self.image_shape = [int(v) for v in self.image_shape]
-            if len(self.image_shape) != 3:
-                raise ValueError(f"image_shape must be [C, H, W], got {self.image_shape}")
+            shape = self.image_shape
+            if not isinstance(shape, (list, tuple)) or len(shape) != 3:
+                raise ValueError(f"image_shape must be [C, H, W], got {shape!r}")
+            for axis, v, hi in zip("CHW", shape, (4, 1024, 1024), strict=True):
+                check_int(f"image_shape {axis}", v, 1, hi)
+            self.image_shape = list(shape)
             c, h, w = self.image_shape
             multi = self.arch == "glow" or self.mask == "checkerboard"
             if multi:
@@ -66,6 +104,27 @@ class FlowConfig:
                     raise ValueError(f"image {h}x{w} cannot be squeezed {squeezes} times; use fewer scales")
         if not 0.0 <= self.logit_alpha < 0.5:
             raise ValueError("logit_alpha must be in [0, 0.5)")
+        weights = self._weight_estimate()
+        if weights > MAX_WEIGHTS:
+            raise ValueError(
+                f"this config would need about {weights / 1e6:,.0f}M st-network weights (limit "
+                f"{MAX_WEIGHTS / 1e6:,.0f}M): lower hidden, blocks, steps, couplings or scales"
+            )
+
+    def _weight_estimate(self) -> int:
+        """Order-of-magnitude count of st-network weights, from the sizes alone (nothing is built)."""
+        if self.arch == "realnvp_tabular":
+            return self.couplings * (2 * self.dim * self.hidden + self.blocks * self.hidden**2)
+        channels = self.image_shape[0] * 4**self.scales  # generous: the widest squeezed input
+        if self.arch == "glow":
+            per_net = 9 * channels * self.hidden + self.hidden**2 + 18 * channels * self.hidden
+            nets = self.scales * self.steps
+        else:
+            per_net = 18 * self.blocks * self.hidden**2 + 18 * channels * self.hidden
+            nets = self.scales * 6 + 4 if self.mask == "checkerboard" else self.couplings
+        if self.bottleneck:
+            per_net += 2 * self.bottleneck * self.hidden * self.image_shape[1] * self.image_shape[2]
+        return int(nets * per_net)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

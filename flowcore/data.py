@@ -5,7 +5,6 @@ name, the first of these that exists is used (``ROOT`` is the root directory)::
 
     any          ROOT/NAME.npz                      uint8 x_train, y_train, x_test, y_test (celeba32.npz: x_test
                                                     only; "train" is its first CELEBA_TRAIN images, "test" the rest)
-    cifar10_lossless  ROOT/cifar10_lossless_subset.npz  only there: exact CIFAR-10 images beside a JPEG copy
     mnist        ROOT/mnist/  or ROOT/MNIST/raw/    official IDX files: {train,t10k}-images-idx3-ubyte[.gz]
     fashion_mnist ROOT/fashion_mnist/, ROOT/fashion-mnist/, ROOT/FashionMNIST/raw/,
                  then /usr/share/datasets/fashion-mnist/ (Debian package dataset-fashion-mnist)
@@ -34,6 +33,7 @@ RGB -> grayscale averages the three channels (rounded); 28 -> 32 pads with zeros
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -69,10 +69,7 @@ __all__ = [
     "match_shape",
 ]
 
-DATASETS = ("fashion_mnist", "mnist", "notmnist", "cifar10", "celeba32", "svhn", "cifar10_lossless")
-# Names found only as ROOT/FILE.npz: the exact CIFAR-10 images that ship beside a lossy (JPEG) cifar10.npz,
-# used to measure what the lossy copy does to bits/dim.
-NPZ_ONLY = {"cifar10_lossless": "cifar10_lossless_subset.npz"}
+DATASETS = ("fashion_mnist", "mnist", "notmnist", "cifar10", "celeba32", "svhn")
 # celeba32.npz holds 10,000 faces without a split: the first 9,000 train, the rest test.
 CELEBA_TRAIN = 9000
 # Official CelebA partition by file number (list_eval_partition.txt): train ..162770, valid ..182637, test rest.
@@ -93,7 +90,6 @@ _SUBDIRS: dict[str, tuple[str, ...]] = {
 }
 _IDX_PREFIX = {"train": "train", "test": "t10k"}
 _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
 
 
 class DatasetNotFound(Exception):
@@ -275,6 +271,21 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path | None:
 
 
 def _from_npz(path: Path, split: str) -> np.ndarray:
+    """``split`` of an npz file (a fresh array: callers may write to it)."""
+    st = path.stat()
+    return _decoded_npz(str(path.resolve()), st.st_mtime_ns, st.st_size, split).copy()
+
+
+@functools.lru_cache(maxsize=4)
+def _decoded_npz(path: str, mtime_ns: int, size: int, split: str) -> np.ndarray:
+    """Decoded once per process: an LZMA-compressed npz (our CIFAR-10) takes seconds to read. Keyed by the
+    file's modification time and size too, so a replaced file is read again."""
+    arr = _read_npz(Path(path), split)
+    arr.setflags(write=False)
+    return arr
+
+
+def _read_npz(path: Path, split: str) -> np.ndarray:
     with np.load(path, allow_pickle=False) as d:
         key = f"x_{split}"
         if path.stem.startswith("celeba") and "x_train" not in d.files and "x_test" in d.files:
@@ -327,14 +338,10 @@ def load_images(
     root = data_dir(data_dir_)
     looked: list[str] = []
     if root is not None:
-        npz = root / NPZ_ONLY.get(name, f"{name}.npz")
+        npz = root / f"{name}.npz"
         if npz.is_file():
             return _fit_to(_from_npz(npz, split), image_shape)
         looked.append(str(npz))
-    if name in NPZ_ONLY:
-        unset = "" if root is not None else " (FLOWCORE_DATA_DIR is not set)"
-        where = f"$FLOWCORE_DATA_DIR/{NPZ_ONLY[name]}"
-        raise DatasetNotFound(f"dataset {name!r} not found{unset}; it is read only from {where}")
     for d in _search_dirs(name, root):
         x = _FINDERS[name](d, split, looked)
         if x is not None:
@@ -488,13 +495,13 @@ _FINDERS: dict[str, Callable[[Path, str, list[str]], np.ndarray | None]] = {
 
 
 def _from_folder(path: Path, split: str, image_shape: tuple[int, int, int] | list[int] | None) -> np.ndarray:
-    from .images import ImageError, decode_image, is_grayscale, preprocess
+    from .images import IMAGE_SUFFIXES, ImageError, decode_image, is_grayscale, preprocess
 
     if not path.is_dir():
         raise DatasetNotFound(f"image folder not found: {path}")
     if (path / "train").is_dir() and (path / "test").is_dir():
         path = path / split
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES and p.is_file())
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     images, bad = [], []
     for p in files:
         try:
@@ -504,7 +511,7 @@ def _from_folder(path: Path, split: str, image_shape: tuple[int, int, int] | lis
     if bad:
         warnings.warn(f"skipped {len(bad)} unreadable file(s) in {path}: {bad[0]}", stacklevel=2)
     if not images:
-        raise DatasetNotFound(f"no readable images ({', '.join(sorted(_IMAGE_SUFFIXES))}) below {path}")
+        raise DatasetNotFound(f"no readable images ({', '.join(IMAGE_SUFFIXES)}) below {path}")
     if image_shape is None:
         sizes = {im.size for im in images}
         if len(sizes) != 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from .scores import SCORE_NAMES, auroc, complexity, compute_scores
 __all__ = ["evaluate", "refresh_complexity", "load_reference", "auroc_table", "default_ood_sets", "histogram_figure"]
 
 REFERENCE = "reference.npz"
+# A real reference is a few MB; a small file that would inflate past this is a zip bomb, not statistics.
+MAX_REFERENCE_BYTES = 256_000_000
 
 
 def default_ood_sets(dataset: str, image_shape) -> list[str]:
@@ -47,10 +50,26 @@ def load_reference(name_or_path: str | os.PathLike) -> dict[str, np.ndarray]:
     if not path.is_file():
         return {}
     try:
+        with zipfile.ZipFile(path) as z:  # sizes from the zip directory, before anything is inflated
+            unpacked = sum(i.file_size for i in z.infolist())
+        if unpacked > MAX_REFERENCE_BYTES:
+            raise CheckpointError(
+                f"{path}: reference statistics would unpack to {unpacked / 1e6:.0f} MB "
+                f"(more than {MAX_REFERENCE_BYTES / 1e6:.0f} MB): refusing to load"
+            )
         with np.load(path, allow_pickle=False) as d:
-            return {k: np.asarray(d[k]) for k in d.files}
-    except (OSError, ValueError) as e:
+            out = {k: np.asarray(d[k]) for k in d.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
         raise CheckpointError(f"{path}: unreadable reference statistics ({e})") from None
+    for key, values in out.items():
+        if values.dtype.kind not in "fiu" or values.ndim != 1 or len(values) == 0:
+            raise CheckpointError(
+                f"{path}: {key!r} must be a non-empty 1-d array of numbers, got {values.dtype} {values.shape}"
+            )
+        bad = int(np.sum(~np.isfinite(values)))
+        if bad:
+            raise CheckpointError(f"{path}: {key!r} holds {bad} non-finite value(s); re-run flowcore evaluate")
+    return out
 
 
 def auroc_table(reference: dict[str, np.ndarray], in_set: str = "test") -> dict[str, dict[str, float]]:
@@ -127,9 +146,7 @@ def evaluate(
             a, b = dist.batch_range(len(x), batch)
             part = None
             if b > a:
-                part = compute_scores(
-                    model, x[a:b], ref, background, n_draws, seed, batch, device, bar.update, start_index=a
-                )
+                part = compute_scores(model, x[a:b], ref, background, n_draws, seed, batch, device, bar.update)
             parts = [p for p in dist.all_gather_objects(part) if p is not None]
             scores = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         for score, values in scores.items():

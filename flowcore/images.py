@@ -23,8 +23,10 @@ decisions, each recorded as a step in :class:`Preprocessed` so the app can show 
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,17 +39,27 @@ __all__ = [
     "MAX_PIXELS",
     "ImageError",
     "Preprocessed",
+    "IMAGE_SUFFIXES",
     "decode_image",
+    "display_path",
+    "find_image_files",
     "is_grayscale",
     "load_image_file",
     "preprocess",
 ]
 
-# Larger images are refused: far more than any photo needs for a 32x32 model, far less than a bomb's RAM.
-MAX_PIXELS = 40_000_000
+# Larger images are refused: more than any camera's photo (8000x8000 = 64 MP passes), far less than a bomb's
+# RAM. What a large image costs is bounded by WORKING_SIDE, not by this: see decode_image.
+MAX_PIXELS = 80_000_000
+# Decoded images are brought down to at most this many pixels on their longer side straight away (JPEG decodes
+# at 1/2, 1/4 or 1/8 scale directly): a model sees 32x32 at most and the app shows a thumbnail, so a 64 MP
+# upload costs a few MB of working memory instead of gigabytes of full-size copies.
+WORKING_SIDE = 2048
 MAX_BYTES = 64 * 1024 * 1024
 # Pillow plugins we let parse untrusted bytes (the JPEG plugin also opens camera MPO files).
 ALLOWED_FORMATS = ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")
+# File name endings of those formats: what a folder is searched for, and what the app's uploader accepts.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 _FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP or TIFF"
 
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
@@ -85,10 +97,13 @@ def decode_image(
     *,
     max_pixels: int = MAX_PIXELS,
     max_bytes: int = MAX_BYTES,
+    working_side: int = WORKING_SIDE,
 ) -> Image.Image:
     """Decode untrusted image bytes (or a file) fully, so every failure surfaces here as :class:`ImageError`.
 
-    Returns a loaded, EXIF-oriented Pillow image (first frame of animations) in its own mode.
+    Returns a loaded, EXIF-oriented Pillow image (first frame of animations) in its own mode, at most
+    ``working_side`` pixels on its longer side (larger ones are reduced while decoding; ``info["original_size"]``
+    keeps the file's own size).
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         label, raw = "image", bytes(data)
@@ -96,6 +111,8 @@ def decode_image(
         path = Path(data)
         label = path.name or str(path)
         try:
+            if path.exists() and not path.is_file():  # a FIFO or device would block or never end
+                raise ImageError(f"{label}: not a regular file")
             if path.stat().st_size > max_bytes:
                 raise ImageError(f"{label}: file is larger than {max_bytes // (1024 * 1024)} MiB")
             raw = path.read_bytes()
@@ -122,17 +139,24 @@ def decode_image(
         if w * h > max_pixels:
             raise ImageError(bomb)
         try:
+            if img.format == "JPEG" and max(w, h) > working_side:
+                img.draft(None, (working_side, working_side))  # decode at 1/2, 1/4 or 1/8 scale directly
             img.load()
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise ImageError(bomb) from e
         except Exception as e:
             raise ImageError(f"{label}: truncated or corrupt {img.format} image ({_short(e)})") from e
+    fmt = img.format
+    if max(img.size) > working_side:
+        img = _shrink(img, working_side)
     try:
         oriented = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not cost the user the image
         oriented = None
     out = (oriented if oriented is not None else img).copy()
-    out.format = img.format
+    out.format = fmt
+    if max(w, h) > working_side:
+        out.info["original_size"] = (w, h)  # as stored in the file (before any EXIF rotation)
     return out
 
 
@@ -175,7 +199,10 @@ def preprocess(
 
     fitted = _fit(converted, w, h, fit)
     verb = "scale and centre-crop" if fit == "crop" else "scale and pad"
-    steps.append((f"{verb} {image.width}x{image.height} -> {w}x{h} (Lanczos)", np.asarray(fitted).copy()))
+    size = f"{image.width}x{image.height}"
+    if "original_size" in image.info:
+        size = "{}x{} (decoded at {})".format(*image.info["original_size"], size)
+    steps.append((f"{verb} {size} -> {w}x{h} (Lanczos)", np.asarray(fitted).copy()))
 
     arr = np.array(fitted, dtype=np.uint8)
     border = _border_mean(arr)
@@ -186,6 +213,32 @@ def preprocess(
         steps.append((f"invert ({why})", arr.copy()))
     steps.append((f"final {h}x{w}x{c} uint8", arr))
     return Preprocessed(original=image, steps=steps, array=arr, inverted=bool(do_invert))
+
+
+def find_image_files(paths: Iterable[str | os.PathLike]) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files as given, folders expanded recursively to their image files (sorted), and ``(path, reason)``
+    for every given path or subfolder that could not be searched: nothing is skipped without a word."""
+    files: list[Path] = []
+    problems: list[tuple[str, str]] = []
+    for p in map(Path, paths):
+        if not p.is_dir():
+            files.append(p)  # a missing or unreadable file is reported when it is decoded
+            continue
+
+        def unreadable(e: OSError, folder: Path = p) -> None:
+            problems.append((display_path(e.filename or folder), f"cannot list folder ({e.strerror or e})"))
+
+        found = []
+        for root, dirs, names in os.walk(p, onerror=unreadable):
+            dirs.sort()
+            found += [Path(root) / n for n in names if n.lower().endswith(IMAGE_SUFFIXES)]
+        files += sorted(f for f in found if f.is_file())
+    return files, problems
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as printable text: bytes that are not UTF-8 in a file name are shown as backslash escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def load_image_file(
@@ -199,6 +252,24 @@ def load_image_file(
 
 
 # --------------------------------------------------------------------------------------------- helpers
+
+
+def _shrink(img: Image.Image, working_side: int) -> Image.Image:
+    """A loaded image reduced by a whole factor (box average) to at most ``working_side`` on its longer side,
+    without a full-size copy: Pillow's own reduce premultiplies an alpha image into one, so those are reduced
+    band by band."""
+    factor = math.ceil(max(img.size) / working_side)
+    info = dict(img.info)
+    if img.mode in ("RGBA", "LA"):
+        out = Image.merge(img.mode, [img.getchannel(i).reduce(factor) for i in range(len(img.getbands()))])
+    else:
+        try:
+            out = img.reduce(factor)
+        except ValueError:  # modes reduce does not take (palette, 1-bit): a nearest-neighbour thumbnail
+            out = img.copy() if img.mode not in ("P", "1") else img
+            out.thumbnail((working_side, working_side))
+    out.info = info
+    return out
 
 
 def _short(e: BaseException) -> str:

@@ -340,7 +340,7 @@ def latents(
         chunk = x[start : start + batch_size]
         total = torch.zeros(chunk.shape, dtype=torch.float64)
         for j in range(draws):
-            noise = per_image_noise(len(chunk), chunk.shape[1:], seed, j, start, dtype)
+            noise = per_image_noise(chunk, seed, j, dtype)
             v = dequantize(chunk, dequantization, dtype=dtype, noise=noise).to(dev)
             total += net(v)[0].double().cpu()
         out[start : start + len(chunk)] = (total / draws).numpy()
@@ -540,8 +540,8 @@ def sample(
     model = _check_model(model)
     if n < 0:
         raise ValueError("n must be >= 0")
-    if temperature < 0:
-        raise ValueError("temperature must be >= 0")
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     dev = _check_device(model, device)
     net = _inference_model(model)
     shape = model.image_shape

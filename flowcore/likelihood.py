@@ -12,6 +12,7 @@ and so reports about log2(256/255) ~ 0.0056 bpd more for the same model.
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 __all__ = [
     "as_image_tensor",
     "dequantize",
+    "image_seed",
     "per_image_noise",
     "log_likelihood_nats",
     "log_likelihood_terms",
@@ -36,7 +38,7 @@ def as_image_tensor(images: np.ndarray | Tensor) -> Tensor:
 
     A 4-d array whose last axis has 1 or 3 entries is read as channels-last.
     """
-    t = torch.as_tensor(np.asarray(images) if not isinstance(images, Tensor) else images)
+    t = torch.as_tensor(np.ascontiguousarray(images) if not isinstance(images, Tensor) else images)
     if t.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 in 0..255, got {t.dtype}")
     if t.dim() == 3:
@@ -68,16 +70,30 @@ def dequantize(
     return (k + u) / 256.0
 
 
-def per_image_noise(n: int, shape, seed: int, draw: int, first_index: int, dtype=torch.float32) -> Tensor:
-    """Uniform noise for images ``first_index .. first_index + n - 1`` of a set, draw ``draw``.
+def image_seed(image: Tensor | np.ndarray, seed: int, draw: int) -> int:
+    """A 63-bit generator seed from an image's pixels and shape, ``seed`` and ``draw``.
 
-    Each image's noise depends only on ``(seed, draw, its index)``, so a score never depends on how
-    the set is split into batches, processes or single-image calls.
+    Keyed by content, never by position: the same image gets the same noise alone, in any batch, at any
+    position, in the app, the CLI and under torchrun; two different images get unrelated noise.
     """
-    out = torch.empty(n, *shape, dtype=dtype)
-    for r in range(n):
-        g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(draw) * 100_000_007 + first_index + r)
-        out[r] = torch.rand(tuple(shape), generator=g, dtype=dtype)
+    a = np.ascontiguousarray(image.cpu().numpy() if isinstance(image, Tensor) else np.asarray(image))
+    h = hashlib.blake2b(digest_size=8)
+    h.update(f"{a.dtype.str}|{a.shape}|{int(seed)}|{int(draw)}|".encode())
+    h.update(a.tobytes())
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def per_image_noise(images: Tensor, seed: int, draw: int, dtype=torch.float32) -> Tensor:
+    """Uniform noise in [0, 1) shaped like ``images`` (N, C, H, W), draw ``draw``.
+
+    Each image's noise depends only on ``(its pixels and shape, seed, draw)`` (:func:`image_seed`), so a
+    score is a function of the image and the checkpoint: never of the other images in the call, their order
+    or how the set is split into batches, processes or single-image calls.
+    """
+    out = torch.empty(images.shape, dtype=dtype)
+    for r in range(len(images)):
+        g = torch.Generator().manual_seed(image_seed(images[r], seed, draw))
+        out[r] = torch.rand(tuple(images.shape[1:]), generator=g, dtype=dtype)
     return out
 
 
@@ -96,18 +112,14 @@ def log_likelihood_terms(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress=None,
-    *,
-    start_index: int = 0,
 ) -> dict[str, np.ndarray]:
     """Per-image terms of the discrete log-likelihood, each averaged over ``n_draws`` draws.
 
     ``log_likelihood`` (N,) = ``log_det`` (N,) + ``prior_by_scale.sum(1)`` - D log 256, where
     ``prior_by_scale`` (N, S) is log N(z; 0, I) summed over the latents factored out at each scale
     (``log_det`` includes the logit preprocessing and the 1/256 scaling is the - D log 256).
-    Deterministic given ``seed``: image ``i``'s noise is seeded by ``(seed, draw, start_index + i)``
-    (:func:`per_image_noise`), whatever the batching. ``start_index`` is the position of ``images[0]`` in
-    a larger set scored in pieces (e.g. one per process), so that scoring ``x[a:b]`` with
-    ``start_index=a`` equals those rows of scoring ``x`` at once.
+    Deterministic given ``seed``: each image's noise is seeded by its own pixels, ``seed`` and the draw
+    (:func:`per_image_noise`), so a row never depends on the other images, their order or the batching.
     ``progress`` is called with each batch's size.
     """
     from .models import latent_scale_map
@@ -115,6 +127,11 @@ def log_likelihood_terms(
     if n_draws < 1:
         raise ValueError("n_draws must be >= 1")
     x = as_image_tensor(images)
+    if len(x) == 0:
+        raise ValueError("empty batch: no images to score")
+    expected = getattr(getattr(model, "config", None), "image_shape", None)
+    if expected is not None and list(x.shape[1:]) != list(expected):
+        raise ValueError(f"model expects images of shape {list(expected)} (C, H, W), got {list(x.shape[1:])}")
     dims = x[0].numel()
     scale_map = latent_scale_map(model).to(device)
     n_scales = int(scale_map.max()) + 1
@@ -133,7 +150,7 @@ def log_likelihood_terms(
         for j in range(draws):
             noise = None
             if dequantization == "uniform":
-                noise = per_image_noise(len(chunk), chunk.shape[1:], seed, j, int(start_index) + start, dtype)
+                noise = per_image_noise(chunk, seed, j, dtype)
             v = dequantize(chunk, dequantization, dtype=dtype, noise=noise).to(device)
             z, ld = model(v)
             log_det += ld.double().cpu()
@@ -158,16 +175,14 @@ def log_likelihood_nats(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
     progress=None,
-    *,
-    start_index: int = 0,
 ) -> np.ndarray:
     """Per-image discrete log-likelihood ``log P(k)`` in nats (float64 array of length N).
 
     Uniform dequantization averages ``n_draws`` seeded estimates (each a lower bound of log P(k));
-    deterministic given ``seed``, whatever the batching (``start_index``: see :func:`log_likelihood_terms`).
+    deterministic given ``seed``, and a function of each image alone (see :func:`log_likelihood_terms`).
     """
     return log_likelihood_terms(
-        model, images, n_draws, seed, dequantization, batch_size, device, progress, start_index=start_index
+        model, images, n_draws, seed, dequantization, batch_size, device, progress
     )["log_likelihood"]
 
 

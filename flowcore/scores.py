@@ -89,19 +89,17 @@ def compute_scores(
     batch_size: int = 256,
     device: str = "cpu",
     progress=None,
-    *,
-    start_index: int = 0,
 ) -> dict[str, np.ndarray]:
     """Every available score for a batch of uint8 images, plus ``bpd`` and per-scale terms.
 
     ``reference`` (a checkpoint's reference statistics) provides ``H`` for typicality; without it or
-    without a ``background`` model those scores are left out. ``start_index``: the position of
-    ``images[0]`` in a larger set scored in whole-batch pieces (see ``log_likelihood_terms``).
+    without a ``background`` model those scores are left out. Each row is a function of its image alone
+    (dequantization noise is keyed by the image's pixels: see ``log_likelihood_terms``).
     """
     x = as_image_tensor(images)
     dims = x[0].numel()
     terms = log_likelihood_terms(
-        model, x, n_draws, seed, "uniform", batch_size, device, progress, start_index=start_index
+        model, x, n_draws, seed, "uniform", batch_size, device, progress
     )
     ll = terms["log_likelihood"]
     bpd = nats_to_bpd(ll, dims)
@@ -114,9 +112,7 @@ def compute_scores(
     if reference is not None and "train__likelihood" in reference:
         out["typicality"] = -np.abs(ll - float(np.mean(reference["train__likelihood"])))
     if background is not None:
-        bg = log_likelihood_terms(background, x, n_draws, seed, "uniform", batch_size, device, start_index=start_index)[
-            "log_likelihood"
-        ]
+        bg = log_likelihood_terms(background, x, n_draws, seed, "uniform", batch_size, device)["log_likelihood"]
         out["background_likelihood"] = bg
         out["likelihood_ratio"] = ll - bg
     return out
@@ -159,22 +155,6 @@ def typicality_batch_test(
     return stat, p
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff"}
-
-
-def iter_image_paths(paths) -> list:
-    """Files as given, folders expanded recursively to their image files (sorted)."""
-    from pathlib import Path
-
-    out = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-        else:
-            out.append(p)
-    return out
-
-
 def score_files(
     checkpoint,
     paths,
@@ -199,8 +179,12 @@ def score_files(
     from . import distributed as dist
     from .checkpoints import load, read_config
     from .evaluate import load_reference
-    from .images import ImageError, load_image_file
+    from .images import ImageError, display_path, find_image_files, load_image_file
 
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a whole number >= 1, got {batch_size!r}")
+    if not 0 < fpr < 1:
+        raise ValueError(f"fpr must be between 0 and 1 (exclusive), got {fpr!r}")
     device = dist.init(device)
     model = load(checkpoint, device=device)
     reference = load_reference(checkpoint)
@@ -216,15 +200,21 @@ def score_files(
             f"checkpoint has no reference statistics for score {score!r}; run `flowcore evaluate {checkpoint}`"
         )
     threshold = ood_threshold(reference[ref_key], fpr)
+    # the reference's own draws and seed, so that a file scores exactly as the same image does in the app
+    summary = cfg.get("reference") or {}
+    n_draws, seed = int(summary.get("n_draws", 1)), int(summary.get("seed", 0))
     inv = {"auto": "auto", "yes": True, "no": False}[invert]
-    files = iter_image_paths(paths)
-    good, arrays, failures = [], [], []
+    files, problems = find_image_files(paths)
+    if not files:
+        where = ", ".join(display_path(p) for p in paths)
+        raise ValueError(f"no image files found in {where}" + (f" ({problems[0][1]})" if problems else ""))
+    good, arrays, failures = [], [], list(problems)
     for f in files:
         try:
             arrays.append(load_image_file(f, model.config.image_shape, invert=inv).array)
-            good.append(f)
+            good.append(display_path(f))
         except (ImageError, OSError) as e:
-            failures.append((str(f), str(e)))
+            failures.append((display_path(f), str(e)))
     lo, hi = dist.batch_range(len(good), batch_size)
     bar = tqdm(total=hi - lo, disable=not progress or not dist.is_main(), unit="img", desc="score")
 
@@ -232,14 +222,18 @@ def score_files(
         rows: list[dict] = []
         for start in range(first, stop, batch_size):
             batch = np.stack(arrays[start : start + batch_size])
-            s = compute_scores(model, batch, reference, background, batch_size=batch_size, device=device)
+            s = compute_scores(model, batch, reference, background, n_draws, seed, batch_size, device)
             if score not in s:
                 raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORE_NAMES)}")
             pct = percentile_of(s[score], reference[ref_key])
             for i, f in enumerate(good[start : start + batch_size]):
+                if not (np.isfinite(s[score][i]) and np.isfinite(s["likelihood"][i])):
+                    # never a percentile or a verdict: NaN compares False with every threshold
+                    rows.append({"path": f, "error": f"non-finite {score} score ({s[score][i]})"})
+                    continue
                 rows.append(
                     {
-                        "path": str(f),
+                        "path": f,
                         "log_likelihood_nats": round(float(s["likelihood"][i]), 4),
                         "bpd": round(float(s["bpd"][i]), 5),
                         "score": score,
@@ -251,8 +245,10 @@ def score_files(
             bar.update(len(batch))
         return rows
 
-    rows = dist.map_batches(score_range, len(good), batch_size)
+    scored = dist.map_batches(score_range, len(good), batch_size)
     bar.close()
+    rows = [r for r in scored if "error" not in r]
+    failures += [(r["path"], r["error"]) for r in scored if "error" in r]
     return rows, failures
 
 

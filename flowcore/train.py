@@ -4,7 +4,8 @@ A run lives in a run folder (``runs/NAME`` by default)::
 
     state.pt      model + optimizer + position (atomic saves; loaded with weights_only=True)
     log.jsonl     one JSON object per logged event
-    best/         nothing: the final model is exported to ``checkpoints/NAME/`` when the run ends
+    checkpoint/   the final model, exported when the run ends (``export_dir`` puts it elsewhere; an existing
+                  checkpoint is replaced only with ``replace=True``, and its reference statistics go with it)
 
 Determinism: the epoch's shuffle is seeded by ``(seed, epoch)`` and each step's dequantization noise
 by ``(seed, global step)``, so a run killed and resumed ends with the same weights as an
@@ -35,8 +36,8 @@ import torch
 from torch import Tensor
 
 from . import distributed as dist
-from .checkpoints import CheckpointError, checkpoints_dir, load, read_config, save
-from .config import FlowConfig
+from .checkpoints import CONFIG, WEIGHTS, CheckpointError, load, read_config, save, write_json
+from .config import FlowConfig, check_int, check_number
 from .data import load_images, match_shape
 from .likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
 from .models import build, log_prob_running_stats
@@ -51,6 +52,12 @@ class NegativeConfig:
     dataset: str
     threshold: float
     weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"negative.dataset must be a dataset name, got {self.dataset!r}")
+        check_number("negative.threshold", self.threshold, -1e12, 1e12)
+        check_number("negative.weight", self.weight, 0.0, open_low=True)
 
 
 @dataclass
@@ -84,19 +91,59 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a training config is a table of keys, got {type(d).__name__}")
         d = dict(d)
+        missing = {"name", "model"} - set(d)
+        if missing:
+            raise ValueError(f"training config lacks {sorted(missing)}")
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown training config keys: {sorted(unknown)}")
-        d["model"] = FlowConfig.from_dict(d.get("model", {}))
-        if d.get("negative"):
-            d["negative"] = NegativeConfig(**d["negative"])
-        if d.get("optimizer", "adam") not in ("adam", "adamw", "rmsprop"):
-            raise ValueError(f"unknown optimizer {d['optimizer']!r}")
-        if int(d.get("log_every", 1)) < 1:
-            raise ValueError("log_every must be >= 1")
+        model = d.get("model", {})
+        if not isinstance(model, dict):
+            raise ValueError(f"model must be a table of architecture keys, got {model!r}")
+        d["model"] = FlowConfig.from_dict(model)
+        neg = d.get("negative")
+        if neg is not None and not isinstance(neg, dict):
+            raise ValueError(f"negative must be a table (dataset, threshold, weight), got {neg!r}")
+        if neg:
+            unknown_neg = set(neg) - {f.name for f in fields(NegativeConfig)}
+            if unknown_neg or not {"dataset", "threshold"} <= set(neg):
+                raise ValueError(f"negative needs dataset and threshold (and optionally weight), got {sorted(neg)}")
+            d["negative"] = NegativeConfig(**neg)
         return cls(**d)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or "/" in self.name or self.name.startswith("."):
+            raise ValueError(f"name must be a plain folder name, got {self.name!r}")
+        if not isinstance(self.dataset, str) or not self.dataset:
+            raise ValueError(f"dataset must be a dataset name, got {self.dataset!r}")
+        if not isinstance(self.ood, list) or not all(isinstance(s, str) for s in self.ood):
+            raise ValueError(f"ood must be a list of dataset names, got {self.ood!r}")
+        if self.optimizer not in ("adam", "adamw", "rmsprop"):
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected adam, adamw or rmsprop")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; expected constant or cosine")
+        check_number("lr", self.lr, 0.0, 10.0, open_low=True)
+        check_number("weight_decay", self.weight_decay, 0.0, 10.0)
+        check_int("warmup_steps", self.warmup_steps, 0)
+        check_int("batch_size", self.batch_size, 1, 1_000_000)
+        check_int("epochs", self.epochs, 1, 100_000)  # 0 epochs would export an untrained model
+        check_number("max_minutes", self.max_minutes, 0.0, optional=True, open_low=True)
+        check_number("grad_clip", self.grad_clip, 0.0, optional=True, open_low=True)
+        check_int("seed", self.seed, 0)
+        check_number("save_every_minutes", self.save_every_minutes, 0.0, open_low=True)
+        check_int("train_subset", self.train_subset, 1, optional=True)
+        check_int("test_subset", self.test_subset, 1, optional=True)
+        check_number("pixel_noise_mu", self.pixel_noise_mu, 0.0, 1.0)
+        if self.init_from is not None and not isinstance(self.init_from, str):
+            raise ValueError(f"init_from must be a checkpoint name or folder, got {self.init_from!r}")
+        if not isinstance(self.freeze_batchnorm, bool):
+            raise ValueError(f"freeze_batchnorm must be true or false, got {self.freeze_batchnorm!r}")
+        check_int("threads", self.threads, 1, 1024, optional=True)
+        check_int("log_every", self.log_every, 1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -106,12 +153,17 @@ def load_train_config(path: str | os.PathLike) -> TrainConfig:
     """Read a JSON or TOML training config."""
     path = Path(path)
     text = path.read_text()
-    if path.suffix == ".toml":
-        import tomllib
+    try:
+        if path.suffix == ".toml":
+            import tomllib
 
-        raw = tomllib.loads(text)
-    else:
-        raw = json.loads(text)
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{path}: nested too deeply to be a training config") from None
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({e})") from None
     return TrainConfig.from_dict(raw)
 
 
@@ -198,6 +250,21 @@ class _Logger:
             f.write(json.dumps(event) + "\n")
 
 
+def _drop_derived_files(folder: Path) -> None:
+    """Before new weights land in ``folder``: remove what was computed from the old ones (reference
+    statistics, histogram, model card, and the ``reference`` summary and ``data_note`` in ``config.json``)."""
+    for derived in ("reference.npz", "histogram.png", "README.md"):
+        (folder / derived).unlink(missing_ok=True)
+    cfg_path = folder / CONFIG
+    if cfg_path.is_file():
+        try:
+            old = json.loads(cfg_path.read_text())
+        except (OSError, ValueError):
+            return
+        if isinstance(old, dict) and {"reference", "data_note"} & old.keys():
+            write_json(cfg_path, {k: v for k, v in old.items() if k not in ("reference", "data_note")})
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike | None = None,
@@ -208,10 +275,13 @@ def train(
     max_steps: int | None = None,
     progress: bool = True,
     device: str = "cpu",
+    replace: bool = False,
 ) -> dict[str, Any]:
-    """Train (or resume) a run; export to ``export_dir`` (default ``checkpoints/NAME``) when finished.
+    """Train (or resume) a run; export to ``export_dir`` (default ``RUN_DIR/checkpoint``) when finished.
 
-    ``max_steps`` stops early (for tests: simulates a kill) without exporting.
+    An ``export_dir`` that already holds a model (a shipped checkpoint, say) is refused before any training
+    unless ``replace``; replacing drops its reference statistics, histogram and card, which described the old
+    weights. ``max_steps`` stops early (for tests: simulates a kill) without exporting.
     Returns a summary dict (the same on every rank when run under torchrun).
     """
     from tqdm.auto import tqdm
@@ -225,6 +295,12 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
+    out = Path(export_dir) if export_dir else run_dir / "checkpoint"
+    if export_dir and (out / WEIGHTS).exists() and not replace:  # the run's own folder is its to rewrite
+        raise FileExistsError(
+            f"{out} already holds a model; training never replaces one unless told to "
+            "(--replace), so export elsewhere (--export DIR) or pass --replace"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     log = _Logger(run_dir / "log.jsonl", enabled=main)
     state_path = run_dir / "state.pt"
@@ -306,7 +382,7 @@ def train(
             dist.broadcast_state(model, buffers_only=True)
 
         def part(a: int, b: int) -> list:
-            ll = log_likelihood_nats(model, x_test[a:b], seed=cfg.seed, batch_size=256, device=device, start_index=a)
+            ll = log_likelihood_nats(model, x_test[a:b], seed=cfg.seed, batch_size=256, device=device)
             return list(ll)
 
         ll = (
@@ -443,8 +519,8 @@ def train(
         "device": device,
         "world_size": world,
     }
-    out = Path(export_dir) if export_dir else checkpoints_dir() / cfg.name
     if main:
+        _drop_derived_files(out)
         save(
             model.cpu(),
             out,

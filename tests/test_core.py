@@ -293,5 +293,25 @@ def test_likelihood_does_not_depend_on_batching():
     whole = flowcore.log_likelihood_nats(model, k, n_draws=2, seed=3, batch_size=256)
     np.testing.assert_allclose(flowcore.log_likelihood_nats(model, k, n_draws=2, seed=3, batch_size=3), whole,
                                rtol=0, atol=1e-4)
-    one = [flowcore.log_likelihood_nats(model, k[i : i + 1], n_draws=2, seed=3, start_index=i)[0] for i in range(7)]
+    one = [flowcore.log_likelihood_nats(model, k[i : i + 1], n_draws=2, seed=3)[0] for i in range(7)]
     np.testing.assert_allclose(one, whole, rtol=0, atol=1e-4)
+    # order and company do not matter: reversed, or beside a copy of itself, an image keeps its score
+    np.testing.assert_allclose(flowcore.log_likelihood_nats(model, k[::-1], n_draws=2, seed=3)[::-1], whole,
+                               rtol=0, atol=1e-4)
+    twins = flowcore.log_likelihood_nats(model, np.stack([k[2], k[5], k[2]]), n_draws=2, seed=3)
+    assert twins[0] == twins[2]
+    np.testing.assert_allclose(twins, whole[[2, 5, 2]], rtol=0, atol=1e-4)
+
+
+def test_noise_is_keyed_by_content_and_seed():
+    from flowcore.likelihood import per_image_noise
+
+    k = torch.as_tensor(np.random.default_rng(2).integers(0, 256, size=(3, 1, 4, 4), dtype=np.uint8))
+    k[2] = k[0]
+    u = per_image_noise(k, seed=0, draw=0)
+    assert torch.equal(u[0], u[2]) and not torch.equal(u[0], u[1])
+    assert not torch.equal(per_image_noise(k, seed=1, draw=0)[0], u[0])
+    assert not torch.equal(per_image_noise(k, seed=0, draw=1)[0], u[0])
+    changed = k.clone()
+    changed[0, 0, 0, 0] ^= 1  # one pixel, one bit: unrelated noise
+    assert not torch.equal(per_image_noise(changed, seed=0, draw=0)[0], u[0])

@@ -107,13 +107,21 @@ def test_npz_layout_and_npz_path(tmp_path):
     assert np.array_equal(load_images("celeba32", "test", tmp_path), faces[data.CELEBA_TRAIN :])
 
 
-def test_lossless_cifar_subset_is_read_from_its_own_file(tmp_path):
-    exact = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    with pytest.raises(DatasetNotFound, match="cifar10_lossless_subset.npz"):
-        load_images("cifar10_lossless", "test", tmp_path)
-    np.savez(tmp_path / "cifar10_lossless_subset.npz", x_train=exact, x_test=exact[:1])
-    assert np.array_equal(load_images("cifar10_lossless", "test", tmp_path), exact[:1])
-    assert load_images("cifar10_lossless", "train", tmp_path, image_shape=(1, 28, 28)).shape == (3, 28, 28)
+def test_npz_is_decoded_once_and_callers_get_their_own_copy(tmp_path, monkeypatch):
+    images = RNG.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    np.savez(tmp_path / "cifar10.npz", x_train=images, x_test=images[:1])
+    reads = []
+    real = data._read_npz
+    monkeypatch.setattr(data, "_read_npz", lambda path, split: reads.append(split) or real(path, split))
+    data._decoded_npz.cache_clear()
+    first = load_images("cifar10", "train", tmp_path)
+    first[0] = 0  # the caller's own array: writing to it changes nothing for the next caller
+    again = load_images("cifar10", "train", tmp_path)
+    assert reads == ["train"] and np.array_equal(again, images)
+    # a replaced file is read again
+    np.savez(tmp_path / "cifar10.npz", x_train=images[:2], x_test=images[:1])
+    assert np.array_equal(load_images("cifar10", "train", tmp_path), images[:2]) and reads == ["train", "train"]
+    assert "cifar10_lossless" not in data.DATASETS
 
 
 def test_idx_gz_and_plain(tmp_path, monkeypatch):

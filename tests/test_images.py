@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import struct
 import zlib
 
@@ -10,7 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from flowcore.images import ImageError, Preprocessed, decode_image, is_grayscale, load_image_file, preprocess
+from flowcore.images import (
+    WORKING_SIDE,
+    ImageError,
+    Preprocessed,
+    decode_image,
+    is_grayscale,
+    load_image_file,
+    preprocess,
+)
 
 
 def _digit(size: int = 28, fg: int = 255, bg: int = 0) -> np.ndarray:
@@ -105,7 +114,31 @@ def test_decompression_bombs_are_refused():
     assert len(small_file) < 10_000
     with pytest.raises(ImageError, match="too large"):
         decode_image(small_file, max_pixels=1_000_000)
-    assert decode_image(small_file).size == (3000, 3000)
+    big = decode_image(small_file)  # within the limit: decoded, and brought down to the working size at once
+    assert big.size == (WORKING_SIDE, WORKING_SIDE) and big.info["original_size"] == (3000, 3000)
+    assert decode_image(small_file, working_side=4000).size == (3000, 3000)
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"), ("PNG", "I;16"), ("GIF", "L")])
+def test_large_images_are_decoded_at_working_size_and_keep_their_look(fmt, mode):
+    yy, xx = np.mgrid[:2400, :3000]
+    gray = (255 * ((xx // 300 + yy // 300) % 2)).astype(np.uint8)  # a 10x8 checkerboard of 300-pixel squares
+    image = Image.fromarray(gray).convert(mode) if mode != "I;16" else Image.fromarray(gray.astype(np.uint16) * 257)
+    small = decode_image(_encode(image, fmt), working_side=1000)
+    assert max(small.size) <= 1000 and small.info["original_size"] == (3000, 2400)
+    ref = preprocess(image, (1, 32, 32), invert=False).array.astype(int)
+    got = preprocess(small, (1, 32, 32), invert=False)
+    assert np.abs(got.array.astype(int) - ref).mean() < 6  # same picture at the model's size
+    assert "3000x2400 (decoded at" in got.steps[1][0]
+
+
+def test_fifo_and_devices_are_refused_not_read(tmp_path):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        decode_image(fifo)
+    with pytest.raises(ImageError, match="not a regular file"):
+        decode_image("/dev/zero")
 
 
 def test_auto_inversion_of_dark_digit_on_white():

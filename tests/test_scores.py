@@ -131,3 +131,128 @@ def test_typicality_flags_a_batch_of_mnist_under_the_fashion_model(data_dir):
     _, p_fashion = typicality_batch_test(flowcore.log_likelihood_nats(model, fashion), ref["train__likelihood"],
                                          ref["test__likelihood"])
     assert p_mnist < 0.01 < p_fashion
+
+
+# ---------------------------------------------------------------- issue 16: one score per image, no NaN verdicts
+
+
+def _tiny_checkpoint(root, seed: int = 0):
+    """A 1x8x8 checkpoint with reference statistics computed by the same code the CLI uses."""
+    from flowcore.checkpoints import save
+
+    arch = dict(arch="realnvp", image_shape=[1, 8, 8], scales=2, hidden=4, blocks=1)
+    model = perturb_(flowcore.build(arch), seed=seed)
+    model.eval()
+    folder = save(model, root / "ck", name="ck", dataset="npz:none", reference={"n_draws": 2, "seed": 7})
+    rng = np.random.default_rng(seed)
+    ref_images = rng.integers(0, 256, (40, 8, 8), dtype=np.uint8)
+    ll = flowcore.log_likelihood_nats(model, ref_images, n_draws=2, seed=7)
+    np.savez(folder / "reference.npz", train__likelihood=ll[:20], test__likelihood=ll[20:])
+    return folder, model
+
+
+def _write_pngs(folder, images):
+    from PIL import Image
+
+    folder.mkdir()
+    paths = []
+    for i, a in enumerate(images):
+        paths.append(folder / f"{i:03d}.png")
+        Image.fromarray(a).save(paths[-1])
+    return paths
+
+
+def test_score_is_a_function_of_the_image_alone(tmp_path):
+    from flowcore.scores import score_files
+
+    ck, model = _tiny_checkpoint(tmp_path)
+    images = np.random.default_rng(5).integers(0, 256, (50, 8, 8), dtype=np.uint8)
+    paths = _write_pngs(tmp_path / "imgs", images)
+    twin = tmp_path / "twin.png"
+    twin.write_bytes(paths[3].read_bytes())
+    rows, failures = score_files(ck, [*paths, twin], invert="no", batch_size=16)
+    assert failures == []
+    by_path = {r["path"]: r for r in rows}
+    assert by_path[str(twin)]["log_likelihood_nats"] == by_path[str(paths[3])]["log_likelihood_nats"]
+    reversed_rows, _ = score_files(ck, paths[::-1], invert="no", batch_size=7)
+    for r in reversed_rows:
+        assert r == by_path[r["path"]]
+    # and equal to the library on one image alone, with the reference's draws and seed (as the app scores)
+    alone = flowcore.log_likelihood_nats(model, images[10:11], n_draws=2, seed=7)[0]
+    assert by_path[str(paths[10])]["log_likelihood_nats"] == round(float(alone), 4)
+
+
+def test_nan_weights_and_reference_are_refused_at_load(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from flowcore.checkpoints import CheckpointError
+    from flowcore.evaluate import load_reference
+
+    ck, _ = _tiny_checkpoint(tmp_path)
+    state = load_file(str(ck / "model.safetensors"))
+    bn = next(k for k in state if k.endswith("running_var"))
+    state[bn][0] = float("nan")
+    save_file(state, str(ck / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"tensor '{bn}' holds non-finite"):
+        flowcore.load(ck)
+
+    ref = dict(np.load(ck / "reference.npz"))
+    ref["test__likelihood"][3] = np.nan
+    np.savez(ck / "reference.npz", **ref)
+    with pytest.raises(CheckpointError, match="'test__likelihood' holds 1 non-finite"):
+        load_reference(ck)
+    np.savez(ck / "reference.npz", test__likelihood=np.array([]))
+    with pytest.raises(CheckpointError, match="non-empty 1-d array of numbers"):
+        load_reference(ck)
+    np.savez(ck / "reference.npz", test__likelihood=np.array(["a", "b"]))
+    with pytest.raises(CheckpointError, match="non-empty 1-d array of numbers"):
+        load_reference(ck)
+
+
+def test_zip_bomb_reference_is_refused_before_inflating(tmp_path):
+    import zipfile
+
+    from flowcore.checkpoints import CheckpointError
+    from flowcore.evaluate import load_reference
+
+    ck, _ = _tiny_checkpoint(tmp_path)
+    header = {"descr": "<f8", "fortran_order": False, "shape": (40_000_000,)}
+    with zipfile.ZipFile(ck / "reference.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open("test__likelihood.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            chunk = bytes(8_000_000)
+            for _ in range(40):
+                f.write(chunk)
+    assert (ck / "reference.npz").stat().st_size < 2_000_000
+    with pytest.raises(CheckpointError, match="would unpack to 320 MB"):
+        load_reference(ck)
+
+
+def test_non_finite_score_is_an_error_row_never_a_verdict(tmp_path, monkeypatch):
+    import flowcore.scores as scores_module
+    from flowcore.scores import score_files
+
+    ck, _ = _tiny_checkpoint(tmp_path)
+    paths = _write_pngs(tmp_path / "imgs", np.random.default_rng(1).integers(0, 256, (3, 8, 8), dtype=np.uint8))
+    real = scores_module.compute_scores
+
+    def one_nan(*args, **kwargs):
+        out = real(*args, **kwargs)
+        out["likelihood"][1] = np.nan
+        return out
+
+    monkeypatch.setattr(scores_module, "compute_scores", one_nan)
+    rows, failures = score_files(ck, paths, invert="no")
+    assert [r["path"] for r in rows] == [str(paths[0]), str(paths[2])]
+    assert failures == [(str(paths[1]), "non-finite likelihood score (nan)")]
+
+
+def test_score_files_refuses_bad_batch_size_and_empty_input(tmp_path):
+    from flowcore.scores import score_files
+
+    ck, _ = _tiny_checkpoint(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="batch size must be a whole number >= 1"):
+        score_files(ck, [tmp_path], batch_size=0)
+    with pytest.raises(ValueError, match="no image files found"):
+        score_files(ck, [tmp_path / "empty"])

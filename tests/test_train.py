@@ -77,7 +77,7 @@ def test_resume_with_more_epochs_warms_up_again(tiny_data, tmp_path):
     train(_cfg(npz, epochs=1, warmup_steps=4, log_every=1), run_dir=tmp_path / "r", progress=False,
           export_dir=tmp_path / "ck")
     train(_cfg(npz, epochs=2, warmup_steps=4, log_every=1), run_dir=tmp_path / "r", resume=True, progress=False,
-          export_dir=tmp_path / "ck")
+          export_dir=tmp_path / "ck", replace=True)
     log = [json.loads(line) for line in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
     ext = [e for e in log if e["event"] == "schedule_extended"]
     assert [(e["total_steps"], e["warm_from"]) for e in ext] == [(16, 8)]

@@ -66,12 +66,9 @@ ZOO_TOUR = {
     " separated; compare notMNIST, which it never saw (docs/results.md has the numbers).",
     "mnist_realnvp_negative": "negative training the other way: Fashion-MNIST pushed down under an MNIST model.",
     "fashion_realnvp_background": "a background model trained on noised images, for the likelihood-ratio score.",
-    "cifar10_realnvp": "RGB 32x32, trained on a JPEG-degraded CIFAR-10: it even tells exact CIFAR-10 images"
-    " from JPEG ones by likelihood, local statistics again (see its card).",
-    "cifar10_realnvp_lossless": "the same model fine-tuned on exact CIFAR-10 images: CelebA faces now score"
-    " close to CIFAR-10 (near chance, as in the paper), and JPEG copies score above the exact originals.",
-    "cifar10_glow": "a Glow on the same JPEG-degraded CIFAR-10, for the Glow column of Table 1.",
-    "cifar10_glow_lossless": "that Glow fine-tuned on exact CIFAR-10 images, like `cifar10_realnvp_lossless`.",
+    "cifar10_realnvp": "RGB 32x32, trained on exact CIFAR-10: Table 1's CIFAR-10 row (CelebA, and the grayscale"
+    " sets under the cross-domain rule); its card has the numbers.",
+    "cifar10_glow": "a Glow on CIFAR-10, for the Glow column of Table 1 (its card says which data it was trained on).",
     "celeba_realnvp": "RGB 32x32, trained on CelebA faces.",
 }
 
