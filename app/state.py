@@ -73,6 +73,7 @@ __all__ = [
     "gallery_images",
     "samples",
     "scores",
+    "finite_scores",
     "latent_map",
     "trace",
     "jacobian",
@@ -456,12 +457,23 @@ def _score_one(name: str, key: str, array: np.ndarray, n_draws: int, seed: int) 
     return {k: float(v[0]) for k, v in out.items()}
 
 
-def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every score of uint8 images, with the reference's draws and seed.
+def finite_scores(name: str, items: Sequence[tuple[Any, Any]]) -> tuple[list, dict[str, np.ndarray], list]:
+    """Score prepared inputs ``(item, prepared)``; return the finite ones, their scores and
+    ``(item name, reason)`` for each input whose likelihood or any score is NaN or infinite."""
+    if not items:
+        return [], {}, []
+    results = scores(name, [p.array for _, p in items])
+    keys = [k for k in results if k in SCORE_NAMES or k == "bpd"]
+    ok = np.all([np.isfinite(results[k]) for k in keys], axis=0)
+    bad = [(item.name, "the model gives this image a non-finite score (NaN or inf); no verdict")
+           for (item, _), fine in zip(items, ok, strict=True) if not fine]
+    kept = [pair for pair, fine in zip(items, ok, strict=True) if fine]
+    return kept, {k: v[ok] for k, v in results.items()}, bad
 
-    Images are scored one at a time (and cached one by one): the dequantization noise of an image in
-    a batch depends on its position there, and one image should get one score on every page.
-    """
+
+def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every score of uint8 images, with the reference's draws and seed: what ``flowcore score`` gives the same
+    image (the dequantization noise is keyed by the image's pixels). Cached image by image."""
     summary = config(name).get("reference") or {}
     n_draws, seed, key = int(summary.get("n_draws", 1)), int(summary.get("seed", 0)), stamp(name)
     with st.spinner("Scoring..."):

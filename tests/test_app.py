@@ -165,6 +165,52 @@ def test_upload_scores_and_corrupt_file_gives_clear_error(env: tuple[Path, Path]
     assert len(at.get("plotly_chart")) >= 1
 
 
+def test_app_score_equals_cli_score_and_twins_score_alike(env: tuple[Path, Path], tmp_path: Path) -> None:
+    from flowcore.scores import score_files
+
+    ckpts, _ = env
+    rng = np.random.default_rng(4)
+    shirts = [png_bytes((rng.random((40, 30)) * 255).astype(np.uint8)) for _ in range(3)]
+    at = start()
+    at.file_uploader(key=state.UPLOAD_KEY).set_value(
+        [("a.png", shirts[0], "image/png"), ("b.png", shirts[1], "image/png"), ("twin.png", shirts[0], "image/png"),
+         ("c.png", shirts[2], "image/png")]
+    )
+    at.run()
+    assert not at.exception, at.exception
+    table = next(d.value for d in at.dataframe if "image" in d.value.columns)
+    app_ll = dict(zip(table["image"], table["log-likelihood (nats)"], strict=True))
+    assert app_ll["a.png"] == app_ll["twin.png"]
+    for i, name in enumerate(("a.png", "b.png", "c.png")):
+        (tmp_path / name).write_bytes(shirts[i])
+    files = [tmp_path / n for n in ("c.png", "b.png", "a.png")]  # another order and company than in the app
+    rows, failures = score_files(ckpts / "fashion_realnvp", files)
+    assert not failures
+    for row in rows:
+        assert abs(row["log_likelihood_nats"] - app_ll[Path(row["path"]).name]) < 1e-3, row
+
+
+def test_non_finite_score_is_an_error_in_the_app(env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    real = state.scores
+
+    def nan_for_first(name: str, arrays: list) -> dict:
+        out = real(name, arrays)
+        return {k: np.where(np.arange(len(v)) == 0, np.nan, v) for k, v in out.items()}
+
+    monkeypatch.setattr(state, "scores", nan_for_first)
+    at = start()
+    rng = np.random.default_rng(5)
+    at.file_uploader(key=state.UPLOAD_KEY).set_value(
+        [("nan.png", png_bytes((rng.random((20, 20)) * 255).astype(np.uint8)), "image/png"),
+         ("fine.png", png_bytes((rng.random((20, 20)) * 255).astype(np.uint8)), "image/png")]
+    )
+    at.run()
+    assert not at.exception, at.exception
+    assert any(e.value.startswith("nan.png:") and "non-finite" in e.value for e in at.error)
+    table = next(d.value for d in at.dataframe if "image" in d.value.columns)
+    assert list(table["image"]) == ["fine.png"]
+
+
 VIEWS = {
     "score": 1,
     "inputs": 0,

@@ -28,7 +28,9 @@ def main() -> None:
     dims = int(np.prod(shape))
     ref = state.reference(name)
     good, bad = state.prepared_inputs(shape)
-    state.show_input_errors(bad)
+    # NaN or inf is an error for that image, never a percentile or a verdict (NaN < threshold is False)
+    good, results, not_finite = state.finite_scores(name, good)
+    state.show_input_errors([*bad, *not_finite])
 
     c1, c2, c3 = st.columns([1, 2, 2])
     units = c1.radio("Units", ["bpd", "nats"], horizontal=True, key="score_units")
@@ -50,7 +52,6 @@ def main() -> None:
     )
     unit_label = "bits/dim (lower = more likely)" if units == "bpd" else "log-likelihood, nats (higher = more likely)"
 
-    results = state.scores(name, [p.array for _, p in good]) if good else {}
     if not ref:
         st.warning(
             f"{name} has no reference statistics yet, so there are no histograms, percentiles or verdicts: "
