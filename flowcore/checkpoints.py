@@ -6,9 +6,11 @@ Loading never unpickles: weights are safetensors, metadata is JSON, reference st
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,16 @@ from torch import nn
 from .config import FlowConfig
 from .models import build
 
-__all__ = ["CheckpointError", "save", "load", "resolve", "checkpoints_dir", "list_checkpoints", "read_config"]
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "save",
+    "load",
+    "resolve",
+    "checkpoints_dir",
+    "list_checkpoints",
+    "read_config",
+]
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -58,18 +69,32 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     return p
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix: str = "") -> None:
+    """Write ``path`` all or nothing: ``write(tmp)`` fills a temporary file beside it, which is synced and
+    renamed over ``path``. On any failure (a full disk, a kill signal's exception) the temporary file is
+    removed and ``path`` is left as it was; a full disk is named as such."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(tmp)
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"disk full while writing {path} (nothing was replaced)") from None
         raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -82,15 +107,7 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path, prefix=".model.", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path / WEIGHTS)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)), suffix=".safetensors")
     old = {}
     if (path / CONFIG).is_file():
         try:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoints import CheckpointError, load, read_config, resolve, write_json
+from .checkpoints import CheckpointError, atomic_write, load, read_config, resolve, write_json
 from .data import DATASETS, DatasetNotFound, load_images, match_shape
 from .likelihood import nats_to_bpd
 from .scores import SCORE_NAMES, auroc, complexity, compute_scores
@@ -181,9 +181,8 @@ def _rounded_aurocs(reference: dict[str, np.ndarray]) -> dict[str, dict[str, flo
 
 def _store(folder: Path, cfg: dict[str, Any], reference: dict[str, np.ndarray], summary: dict, dims: int) -> None:
     """Write reference.npz (atomically), the summary into config.json, and the histogram."""
-    tmp = folder / f".{REFERENCE}.tmp.npz"
-    np.savez_compressed(tmp, **{k: v.astype(np.float32) if k.endswith("__bpd") else v for k, v in reference.items()})
-    os.replace(tmp, folder / REFERENCE)
+    arrays = {k: v.astype(np.float32) if k.endswith("__bpd") else v for k, v in reference.items()}
+    atomic_write(folder / REFERENCE, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
     cfg["reference"] = summary
     write_json(folder / "config.json", cfg)
     histogram_figure(reference, folder / "histogram.png", title=cfg.get("name", folder.name), dims=dims)

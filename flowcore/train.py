@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from . import distributed as dist
-from .checkpoints import CONFIG, WEIGHTS, CheckpointError, load, read_config, save, write_json
+from .checkpoints import CONFIG, WEIGHTS, CheckpointError, atomic_write, load, read_config, save, write_json
 from .config import FlowConfig, check_int, check_number
 from .data import load_images, match_shape
 from .likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
@@ -187,11 +187,7 @@ def _lr_at(cfg: TrainConfig, step: int, total_steps: int, warm_from: int = 0) ->
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _load_state(path: Path) -> dict[str, Any]:

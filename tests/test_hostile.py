@@ -249,3 +249,21 @@ def test_training_run_is_not_overwritten_silently(tmp_path):
                                  "warmup_steps": 1, "test_subset": 16})
     summary = train(cfg, run_dir=tmp_path / "run", progress=False)
     assert summary["export"] == str(tmp_path / "run" / "checkpoint")
+
+
+def test_disk_full_leaves_no_temp_file_and_says_so(tmp_path):
+    import errno
+
+    from flowcore.checkpoints import atomic_write
+
+    target = tmp_path / "state.pt"
+    target.write_bytes(b"old")
+
+    def fill_disk(tmp: Path) -> None:
+        tmp.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="disk full while writing .*state.pt"):
+        atomic_write(target, fill_disk)
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]

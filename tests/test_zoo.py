@@ -59,3 +59,19 @@ def test_results_report_matches_shipped_files():
     readme = (ROOT / "README.md").read_text()
     assert results.START in readme
     assert results.readme_with_summary(readme, results.summary_table(text)) == readme
+
+
+def test_one_agreement_rule_for_every_table1_cell():
+    spec = importlib.util.spec_from_file_location("results", ROOT / "benchmarks" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    assert results.agreement(5.9, 10.8) == "yes"
+    assert results.agreement(63.6, 80.2) == "direction only"  # same side of 50 %, 16.6 points away
+    assert results.agreement(65.2, 80.2) == "yes"  # exactly 15 points
+    assert results.agreement(45.9, 67.7) == "no"
+    assert results.agreement(50.0, 56.0) == "no"
+    # every Table 1 cell has a row, the SVHN ones say why they are empty
+    rows = results.table1(set(SHIPPED))
+    cells = sum(len(v) for v in results.PAPER.values())
+    assert len(rows) == 2 + cells
+    assert sum("no SVHN copy here" in r for r in rows) == sum("svhn" in v for v in results.PAPER.values())
