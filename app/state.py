@@ -328,9 +328,10 @@ def prepare(data: bytes, shape: tuple[int, int, int], invert: str = "auto", fit:
         original = np.asarray(img if img.mode in ("L", "RGB", "RGBA") else img.convert("RGBA"))
     except (OSError, ValueError):
         original = p.steps[0][1]
-    label = f"original: {img.format or 'image'} {img.mode} {img.width}x{img.height}"
+    size = img.info.get("original_size", img.size)  # a large file is decoded at a reduced working size
+    label = f"original: {img.format or 'image'} {img.mode} {size[0]}x{size[1]}"
     shown = [(label, thumbnail(original))] + [(step, thumbnail(a)) for step, a in p.steps]
-    return Prepared(p.array, shown, p.inverted, (img.width, img.height), img.format or "")
+    return Prepared(p.array, shown, p.inverted, tuple(size), img.format or "")
 
 
 def _added() -> list[InputImage]:

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image
@@ -33,6 +34,8 @@ __all__ = [
     "ood_threshold",
     "typicality_batch_test",
     "score_files",
+    "result_rows",
+    "CSV_FIELDS",
     "write_rows",
 ]
 
@@ -199,7 +202,6 @@ def score_files(
         raise ValueError(
             f"checkpoint has no reference statistics for score {score!r}; run `flowcore evaluate {checkpoint}`"
         )
-    threshold = ood_threshold(reference[ref_key], fpr)
     # the reference's own draws and seed, so that a file scores exactly as the same image does in the app
     summary = cfg.get("reference") or {}
     n_draws, seed = int(summary.get("n_draws", 1)), int(summary.get("seed", 0))
@@ -225,23 +227,7 @@ def score_files(
             s = compute_scores(model, batch, reference, background, n_draws, seed, batch_size, device)
             if score not in s:
                 raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORE_NAMES)}")
-            pct = percentile_of(s[score], reference[ref_key])
-            for i, f in enumerate(good[start : start + batch_size]):
-                if not (np.isfinite(s[score][i]) and np.isfinite(s["likelihood"][i])):
-                    # never a percentile or a verdict: NaN compares False with every threshold
-                    rows.append({"path": f, "error": f"non-finite {score} score ({s[score][i]})"})
-                    continue
-                rows.append(
-                    {
-                        "path": f,
-                        "log_likelihood_nats": round(float(s["likelihood"][i]), 4),
-                        "bpd": round(float(s["bpd"][i]), 5),
-                        "score": score,
-                        "value": round(float(s[score][i]), 5),
-                        "percentile": round(float(pct[i]), 2),
-                        "ood": bool(s[score][i] < threshold),
-                    }
-                )
+            rows += result_rows(good[start : start + batch_size], s, score, reference, fpr)
             bar.update(len(batch))
         return rows
 
@@ -250,6 +236,39 @@ def score_files(
     rows = [r for r in scored if "error" not in r]
     failures += [(r["path"], r["error"]) for r in scored if "error" in r]
     return rows, failures
+
+
+CSV_FIELDS = ["path", "log_likelihood_nats", "bpd", "score", "value", "percentile", "ood"]
+
+
+def result_rows(
+    names: Sequence[str], scores: dict[str, np.ndarray], score: str, reference: dict[str, np.ndarray], fpr: float
+) -> list[dict]:
+    """One row per image in the one schema of ``flowcore score`` and the app's CSV (:data:`CSV_FIELDS`): its
+    log-likelihood, bpd, the chosen score, its percentile among the reference test images and the OOD verdict
+    at false-positive rate ``fpr``. An image with a non-finite value gets ``{"path", "error"}`` instead: NaN
+    compares False with every threshold, so it must never reach a percentile or a verdict."""
+    ref = reference[f"test__{score}"]
+    threshold = ood_threshold(ref, fpr)
+    pct = percentile_of(np.nan_to_num(np.asarray(scores[score], dtype=float)), ref)  # read only where finite
+    rows: list[dict] = []
+    for i, name in enumerate(names):
+        value, ll = float(scores[score][i]), float(scores["likelihood"][i])
+        if not (np.isfinite(value) and np.isfinite(ll)):
+            rows.append({"path": name, "error": f"non-finite {score} score ({value})"})
+            continue
+        rows.append(
+            {
+                "path": name,
+                "log_likelihood_nats": round(ll, 4),
+                "bpd": round(float(scores["bpd"][i]), 5),
+                "score": score,
+                "value": round(value, 5),
+                "percentile": round(float(pct[i]), 2),
+                "ood": bool(value < threshold),
+            }
+        )
+    return rows
 
 
 def write_rows(rows: list[dict], fmt: str, stream) -> None:
@@ -261,7 +280,6 @@ def write_rows(rows: list[dict], fmt: str, stream) -> None:
         json.dump(rows, stream, indent=1)
         stream.write("\n")
         return
-    fields = ["path", "log_likelihood_nats", "bpd", "score", "value", "percentile", "ood"]
-    w = csv.DictWriter(stream, fieldnames=fields, lineterminator="\n")
+    w = csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n")
     w.writeheader()
     w.writerows(rows)

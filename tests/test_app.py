@@ -190,6 +190,31 @@ def test_app_score_equals_cli_score_and_twins_score_alike(env: tuple[Path, Path]
         assert abs(row["log_likelihood_nats"] - app_ll[Path(row["path"]).name]) < 1e-3, row
 
 
+def test_app_csv_equals_cli_csv(env: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from flowcore.scores import result_rows, score_files, write_rows
+
+    ckpts, _ = env
+    rng = np.random.default_rng(6)
+    files = {f"{c}.png": png_bytes((rng.random((30, 30)) * 255).astype(np.uint8)) for c in "abc"}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    monkeypatch.chdir(tmp_path)
+    rows, failures = score_files(ckpts / "fashion_realnvp", list(files), score="typicality", fpr=0.1)
+    assert not failures
+    cli = io.StringIO()
+    write_rows(rows, "csv", cli)
+
+    # what the Score page's download holds for the same uploads, score and false-positive rate
+    good = [(item, state.prepare(item.data, state.image_shape("fashion_realnvp")))
+            for item in (state.InputImage(name, data) for name, data in files.items())]
+    kept, results, bad = state.finite_scores("fashion_realnvp", good)
+    app = io.StringIO()
+    ref = state.reference("fashion_realnvp")
+    write_rows(result_rows([item.name for item, _ in kept], results, "typicality", ref, 0.1), "csv", app)
+    assert not bad and app.getvalue() == cli.getvalue()
+    assert cli.getvalue().splitlines()[0] == "path,log_likelihood_nats,bpd,score,value,percentile,ood"
+
+
 def test_non_finite_score_is_an_error_in_the_app(env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     real = state.scores
 

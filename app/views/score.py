@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pandas as pd
 import streamlit as st
 
 from app import figures, state
-from flowcore.scores import SCORE_DESCRIPTIONS, ood_threshold, percentile_of, typicality_batch_test
+from flowcore.scores import (
+    SCORE_DESCRIPTIONS,
+    ood_threshold,
+    percentile_of,
+    result_rows,
+    typicality_batch_test,
+    write_rows,
+)
 
 MAX_MARKERS = 12
 
@@ -160,8 +169,14 @@ def main() -> None:
             table[f"verdict ({score}, {fpr:.0%} FPR)"] = [verdict(float(v), score_threshold) for v in chosen]
         df = pd.DataFrame(table)
         st.dataframe(df, hide_index=True, key="score_table")
+        csv_text = io.StringIO()  # the schema and values of `flowcore score NAME FILES --score S --fpr F`
+        write_rows(result_rows([item.name for item, _ in good], results, score, ref, fpr), "csv", csv_text)
         st.download_button(
-            "Download CSV", df.to_csv(index=False).encode(), file_name=f"scores_{name}.csv", mime="text/csv"
+            "Download CSV (as flowcore score writes it)",
+            csv_text.getvalue().encode(),
+            file_name=f"scores_{name}.csv",
+            mime="text/csv",
+            key="score_csv",
         )
         if len(good) >= 2 and "train__likelihood" in ref:
             stat, p = typicality_batch_test(ll, ref["train__likelihood"], test_ll)
