@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import flowcore
 from flowcore.checkpoints import CheckpointError, checkpoints_dir, list_checkpoints, read_config, resolve
-from flowcore.data import DATASETS, DatasetNotFound, load_images
+from flowcore.data import DATASETS, EXAMPLE_SETS, DatasetNotFound, load_examples, load_images
 from flowcore.evaluate import auroc_table, default_ood_sets, load_reference, set_label
 from flowcore.images import IMAGE_SUFFIXES, ImageError, decode_image, preprocess
 from flowcore.inspection import default_box, receptive_field_size
@@ -408,7 +408,7 @@ def current_image(name: str) -> tuple[str, np.ndarray]:
     dataset = config(name).get("dataset")
     if dataset:
         try:
-            x = gallery_images(str(dataset), image_shape(name), 1, os.environ.get("FLOWCORE_DATA_DIR"))
+            x, _ = gallery_images(str(dataset), image_shape(name), 1, os.environ.get("FLOWCORE_DATA_DIR"))
             if len(x):
                 return f"{set_label(str(dataset))} test image 0 (no input chosen)", x[0]
         except (DatasetNotFound, ValueError, OSError):
@@ -432,9 +432,15 @@ def gallery_sets(name: str) -> list[str]:
 
 
 @st.cache_data(show_spinner="Loading examples...", max_entries=32)
-def gallery_images(dataset: str, shape: tuple[int, int, int], n: int, data_dir: str | None) -> np.ndarray:
-    """The first ``n`` test images of ``dataset`` fitted to ``shape`` (``data_dir`` only keys the cache)."""
-    return np.ascontiguousarray(load_images(dataset, "test", image_shape=shape)[:n])
+def gallery_images(dataset: str, shape: tuple[int, int, int], n: int, data_dir: str | None) -> tuple[np.ndarray, bool]:
+    """The first ``n`` test images of ``dataset`` fitted to ``shape``, and whether they are the package's bundled
+    examples (used when the full set is not found; ``data_dir`` only keys the cache)."""
+    try:
+        return np.ascontiguousarray(load_images(dataset, "test", image_shape=shape)[:n]), False
+    except DatasetNotFound:
+        if dataset not in EXAMPLE_SETS:
+            raise
+    return np.ascontiguousarray(load_examples(dataset, shape)[:n]), True
 
 
 # --------------------------------------------------------------------------------------- model results

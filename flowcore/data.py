@@ -66,10 +66,17 @@ __all__ = [
     "data_dir",
     "download",
     "load_images",
+    "load_examples",
+    "EXAMPLE_SETS",
     "match_shape",
 ]
 
 DATASETS = ("fashion_mnist", "mnist", "notmnist", "cifar10", "celeba32", "svhn")
+# A few test images of each set whose licence allows it ship inside the package (tools/make_examples.py), so
+# the dashboard has examples without FLOWCORE_DATA_DIR. Never used for training or evaluation.
+EXAMPLES_FILE = Path(__file__).resolve().parent / "examples" / "examples.npz"
+EXAMPLE_SETS = ("fashion_mnist", "mnist", "notmnist", "cifar10")
+EXAMPLES_PER_SET = 16
 # celeba32.npz holds 10,000 faces without a split: the first 9,000 train, the rest test.
 CELEBA_TRAIN = 9000
 # Official CelebA partition by file number (list_eval_partition.txt): train ..162770, valid ..182637, test rest.
@@ -351,6 +358,15 @@ def load_images(
     raise DatasetNotFound(
         f"dataset {name!r} ({split}) not found{unset}; looked in: {where}; to get it: {_how_to_get(name)}"
     )
+
+
+def load_examples(name: str, image_shape: tuple[int, int, int] | list[int] | None = None) -> np.ndarray:
+    """The first :data:`EXAMPLES_PER_SET` test images of ``name`` bundled with the package (for display only)."""
+    if name not in EXAMPLE_SETS or not EXAMPLES_FILE.is_file():
+        bundled = ", ".join(EXAMPLE_SETS)
+        raise DatasetNotFound(f"no bundled examples of {name!r} (bundled: {bundled}); set FLOWCORE_DATA_DIR")
+    with np.load(EXAMPLES_FILE, allow_pickle=False) as d:
+        return _fit_to(np.asarray(d[name], dtype=np.uint8), image_shape)
 
 
 def _fit_to(x: np.ndarray, image_shape: tuple[int, int, int] | list[int] | None) -> np.ndarray:

@@ -449,3 +449,26 @@ def test_perturb_and_helpers() -> None:
     assert "Glow" in describe_architecture({"arch": "glow", "image_shape": [3, 32, 32], "scales": 3, "steps": 8})
     assert state.thumbnail(np.zeros((28, 28), np.uint8)).shape == (112, 112)
     assert max(state.thumbnail(np.zeros((1000, 500, 3), np.uint8)).shape[:2]) == 256
+
+
+def test_gallery_works_without_data_dir_from_bundled_examples(
+    tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Straight after set-up (no FLOWCORE_DATA_DIR) the gallery offers the bundled examples."""
+    from flowcore.data import EXAMPLE_SETS, load_examples
+
+    ckpts, _ = tiny
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(ckpts))
+    monkeypatch.delenv("FLOWCORE_DATA_DIR", raising=False)
+    monkeypatch.setenv("FLOWCORE_DEFAULT_CHECKPOINT", "rgb_realnvp")
+    assert set(EXAMPLE_SETS) >= {"fashion_mnist", "mnist", "cifar10"}
+    assert load_examples("cifar10", (1, 28, 28)).shape == (16, 28, 28)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "inputs.py"), default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, at.exception
+    shown = "\n".join(m.value for m in at.markdown)
+    assert "**mnist** (OOD, bundled examples)" in shown, shown
+    add = next(b for b in at.button if b.key == "add_mnist")
+    add.click().run()
+    assert not at.exception, at.exception
+    assert any(item.source == "gallery: mnist" for item in at.session_state[state.ADDED_KEY])

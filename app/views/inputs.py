@@ -44,8 +44,9 @@ def your_images(name: str) -> None:
 def gallery(name: str) -> None:
     shape = state.image_shape(name)
     st.caption(
-        "The first test images of the model's own dataset and of its OOD sets (from `FLOWCORE_DATA_DIR`), "
-        "fitted to the model's input by the project's cross-domain rule."
+        "The first test images of the model's own dataset and of its OOD sets, fitted to the model's input by "
+        "the project's cross-domain rule: from `FLOWCORE_DATA_DIR` when it holds the set, else the 16 examples "
+        "bundled with flowcore."
     )
     data_dir = os.environ.get("FLOWCORE_DATA_DIR")
     dataset = state.config(name).get("dataset")
@@ -53,11 +54,12 @@ def gallery(name: str) -> None:
         label = set_label(ds)
         kind = "in-distribution" if ds == dataset else "OOD"
         try:
-            images = state.gallery_images(ds, shape, GALLERY_N, data_dir)
+            images, bundled = state.gallery_images(ds, shape, GALLERY_N, data_dir)
         except (DatasetNotFound, ValueError, OSError) as e:
-            st.caption(f"**{label}** ({kind}): not available. {state.one_line(e)[:300]}")
+            st.markdown(f"**{label}** ({kind}): not available.")
+            st.caption(state.one_line(e))
             continue
-        st.markdown(f"**{label}** ({kind})")
+        st.markdown(f"**{label}** ({kind}{', bundled examples' if bundled else ''})")
         cols = st.columns([6, 1])
         cols[0].image([state.thumbnail(x, 84) for x in images], width=84)
         items = [
