@@ -2,6 +2,7 @@
 
     python benchmarks/throughput.py                       # shipped sizes, built fresh
     python benchmarks/throughput.py --checkpoint fashion_realnvp --threads 2
+    python benchmarks/throughput.py --config configs/fashion_glow_appc.json --batch 32 --repeats 2
 
 Prints img/s, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) and that as a fraction of
 the float32 matmul GFLOP/s measured here, so numbers from a busy or a different machine stay comparable.
@@ -17,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import flowcore
+from flowcore.train import load_train_config
 
 SHIPPED = {
     "realnvp (fashion_realnvp size)": {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 32, "blocks": 2},
@@ -80,14 +82,19 @@ def bench(model: torch.nn.Module, batch: int, repeats: int) -> dict[str, float]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", action="append", default=None)
+    p.add_argument("--config", action="append", default=None, help="a training config: its architecture, built fresh")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    models = {n: flowcore.load(n) for n in args.checkpoint} if args.checkpoint else {
-        n: flowcore.build(c) for n, c in SHIPPED.items()}
+    models = {n: flowcore.load(n) for n in args.checkpoint or []}
+    for path in args.config or []:
+        cfg = load_train_config(path)
+        models[cfg.name] = flowcore.build(cfg.model)
+    if not models:
+        models = {n: flowcore.build(c) for n, c in SHIPPED.items()}
     peak = matmul_gflops()
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
           f"{args.threads} thread(s), batch {args.batch}")

@@ -9,7 +9,7 @@ __all__ = ["FlowConfig", "as_config", "describe_architecture", "check_int", "che
 
 ARCHS = ("realnvp", "glow", "realnvp_tabular")
 MASKS = ("checkerboard", "horizontal", "cycle")
-NETS = ("resnet", "glow")
+NETS = ("resnet", "glow", "highway")
 # A rough upper bound on the st-networks' weights (see ``_weight_estimate``): the paper's largest model has
 # 69M parameters; 250M float32 weights already take 1 GB before a single activation.
 MAX_WEIGHTS = 250_000_000
@@ -45,7 +45,8 @@ class FlowConfig:
       horizontal/cycle masks), ``glow`` or ``realnvp_tabular``.
     - ``image_shape``: ``[C, H, W]`` for image flows; ``dim`` for the tabular flow.
     - ``scales``: number of scales of the multi-scale models.
-    - ``hidden`` / ``blocks``: st-network width and number of residual blocks.
+    - ``hidden`` / ``blocks``: st-network width and number of residual blocks (``net="resnet"``) or of
+      highway layers (``net="highway"``, the paper's Glow st-net, App. C).
     - ``steps``: Glow's K (flow steps per scale).
     - ``couplings``: number of couplings of the single-scale RealNVP (horizontal/cycle masks)
       and of the tabular model.
@@ -63,7 +64,7 @@ class FlowConfig:
     steps: int = 4
     couplings: int = 8
     bottleneck: int | None = None
-    net: str | None = None  # default: resnet for realnvp, glow block for glow
+    net: str | None = None  # default: resnet for realnvp, glow block for glow; or highway
     logit_alpha: float = 0.05
 
     def __post_init__(self) -> None:
@@ -116,11 +117,13 @@ class FlowConfig:
         if self.arch == "realnvp_tabular":
             return self.couplings * (2 * self.dim * self.hidden + self.blocks * self.hidden**2)
         channels = self.image_shape[0] * 4**self.scales  # generous: the widest squeezed input
-        if self.arch == "glow":
+        if self.net == "glow":
             per_net = 9 * channels * self.hidden + self.hidden**2 + 18 * channels * self.hidden
+        else:  # resnet blocks and highway layers: two 3x3 convolutions of width hidden each
+            per_net = 18 * self.blocks * self.hidden**2 + 18 * channels * self.hidden
+        if self.arch == "glow":
             nets = self.scales * self.steps
         else:
-            per_net = 18 * self.blocks * self.hidden**2 + 18 * channels * self.hidden
             nets = self.scales * 6 + 4 if self.mask == "checkerboard" else self.couplings
         if self.bottleneck:
             per_net += 2 * self.bottleneck * self.hidden * self.image_shape[1] * self.image_shape[2]
@@ -151,6 +154,8 @@ def describe_architecture(model_cfg: dict[str, Any]) -> str:
     hidden, blocks = model_cfg.get("hidden"), model_cfg.get("blocks")
     if arch == "glow":
         text = f"Glow, {model_cfg.get('scales')} scales x {model_cfg.get('steps')} steps, st-net width {hidden}"
+        if model_cfg.get("net") == "highway":
+            text += f" (highway, {blocks} layers)"
     elif arch == "realnvp":
         mask = model_cfg.get("mask", "checkerboard")
         if mask == "checkerboard":

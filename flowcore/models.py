@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from .bijectors import ActNorm, AffineCoupling, Bijector, Chain, InvConv1x1, Logit, VectorCoupling, squeeze, unsqueeze
 from .config import FlowConfig, as_config
-from .nets import MLP, GlowST, ResNetST
+from .nets import MLP, GlowST, HighwayST, ResNetST
 
 __all__ = [
     "MultiScale",
@@ -164,6 +164,8 @@ def latent_scale_map(model: ImageFlow) -> Tensor:
 def _st_net(cfg: FlowConfig, in_ch: int, out_ch: int, spatial: tuple[int, int]) -> nn.Module:
     if cfg.net == "glow":
         return GlowST(in_ch, out_ch, cfg.hidden)
+    if cfg.net == "highway":
+        return HighwayST(in_ch, out_ch, cfg.hidden, cfg.blocks)
     return ResNetST(in_ch, out_ch, cfg.hidden, cfg.blocks, cfg.bottleneck, spatial)
 
 

@@ -6,9 +6,10 @@ Every network zero-initialises its last layer, so a freshly built flow is the id
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
-__all__ = ["ResNetST", "GlowST", "MLP"]
+__all__ = ["ResNetST", "GlowST", "HighwayST", "MLP"]
 
 
 def _zero(layer: nn.Module) -> nn.Module:
@@ -88,6 +89,39 @@ class GlowST(nn.Module):
             nn.ReLU(),
             nn.Conv2d(hidden, hidden, 1),
             nn.ReLU(),
+            _zero(nn.Conv2d(hidden, 2 * out_channels, 3, padding=1)),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layers(x)
+
+
+class HighwayLayer(nn.Module):
+    """``x + t * (h - x)`` with ``h = ReLU(conv3x3(x))`` and the gate ``t = sigmoid(conv3x3(x))``: each unit
+    chooses between a new feature and carrying its input through (Srivastava et al. 2015)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.transform = nn.Conv2d(width, width, 3, padding=1)
+        self.gate = nn.Conv2d(width, width, 3, padding=1)
+        nn.init.constant_(self.gate.bias, -1.0)  # start by mostly carrying: a deep stack trains from the start
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.relu(self.transform(x))
+        t = torch.sigmoid(self.gate(x))
+        return x + t * (h - x)
+
+
+class HighwayST(nn.Module):
+    """The st-net of the paper's Glow (App. C, after Nalisnick et al.): conv3x3 into ``hidden`` channels,
+    ``layers`` highway layers, zero-initialised conv3x3 out."""
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.ReLU(),
+            *[HighwayLayer(hidden) for _ in range(layers)],
             _zero(nn.Conv2d(hidden, 2 * out_channels, 3, padding=1)),
         )
 

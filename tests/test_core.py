@@ -26,7 +26,24 @@ MODEL_CONFIGS = {
     "realnvp_bottleneck": dict(arch="realnvp", image_shape=[1, 4, 4], scales=2, bottleneck=3, hidden=4, blocks=2),
     "glow_gray": dict(arch="glow", image_shape=[1, 4, 4], scales=2, steps=2, hidden=4),
     "glow_rgb": dict(arch="glow", image_shape=[3, 4, 4], scales=2, steps=2, hidden=4),
+    "glow_highway": dict(arch="glow", image_shape=[1, 4, 4], scales=2, steps=2, hidden=4, net="highway", blocks=3),
 }
+
+
+def test_highway_st_net_is_the_papers_glow_net():
+    from flowcore.nets import HighwayLayer, HighwayST
+
+    model = flowcore.build(MODEL_CONFIGS["glow_highway"])
+    nets = [m for m in model.modules() if isinstance(m, HighwayST)]
+    assert nets and all(sum(isinstance(m, HighwayLayer) for m in n.modules()) == 3 for n in nets)
+    # a highway layer with a closed gate carries its input; with an open one it is ReLU(conv(x))
+    layer = HighwayLayer(2)
+    x = torch.randn(1, 2, 3, 3)
+    with torch.no_grad():
+        layer.gate.bias.fill_(-1e4)
+        torch.testing.assert_close(layer(x), x)
+        layer.gate.bias.fill_(1e4)
+        torch.testing.assert_close(layer(x), torch.relu(layer.transform(x)))
 
 
 def _layers(c: int = 3):
