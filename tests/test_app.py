@@ -472,3 +472,15 @@ def test_gallery_works_without_data_dir_from_bundled_examples(
     add.click().run()
     assert not at.exception, at.exception
     assert any(item.source == "gallery: mnist" for item in at.session_state[state.ADDED_KEY])
+
+
+def test_score_caption_states_this_models_own_aurocs(env: tuple[Path, Path]) -> None:
+    from app.views.score import likelihood_finding
+
+    row = next(r for r in state.auroc_rows("rgb_realnvp") if r["score"] == "likelihood")
+    text = likelihood_finding("rgb_realnvp")
+    for s, v in row.items():
+        if s != "score":
+            assert f"{s} ({100 * v:.1f} %)" in text
+    assert "Fashion-MNIST" not in text and "`rgb_realnvp`" in text
+    assert "no OOD AUROCs" in likelihood_finding("noref")
