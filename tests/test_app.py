@@ -484,3 +484,19 @@ def test_score_caption_states_this_models_own_aurocs(env: tuple[Path, Path]) -> 
             assert f"{s} ({100 * v:.1f} %)" in text
     assert "Fashion-MNIST" not in text and "`rgb_realnvp`" in text
     assert "no OOD AUROCs" in likelihood_finding("noref")
+
+
+def test_perturbation_sentence_is_measured_on_the_current_model(env: tuple[Path, Path]) -> None:
+    import flowcore
+    from app.views.perturb import PROBES, measured_edits
+
+    image = (np.random.default_rng(7).random((28, 28)) * 255).astype(np.uint8)
+    text = measured_edits("fashion_realnvp", image)
+    model = state.model("fashion_realnvp")
+    summary = state.config("fashion_realnvp")["reference"]
+    kw = {"n_draws": summary["n_draws"], "seed": summary["seed"]}
+    base = flowcore.bits_per_dim(model, image[None], **kw)[0]
+    for words, settings in PROBES:
+        delta = flowcore.bits_per_dim(model, state.perturb(image, **settings)[None], **kw)[0] - base
+        effect = "more likely" if delta < 0 else "less likely"
+        assert f"{words} makes it {effect} ({delta:+.3f} bits/dim)" in text, text
