@@ -46,6 +46,7 @@ __all__ = [
     "receptive_field_size",
     "default_box",
     "resample_patch",
+    "box_change_shares",
     "sample",
 ]
 
@@ -520,6 +521,30 @@ def resample_patch(
         images = _to_unit(images)
     images_np = images.cpu().numpy()
     return (images_np, z.cpu().numpy()) if return_latents else images_np
+
+
+def box_change_shares(
+    original: np.ndarray, draws: np.ndarray, box: Sequence[int], threshold: float = 0.05
+) -> tuple[float, float]:
+    """Share of pixels inside and outside ``box`` that resampling changed by more than ``threshold``.
+
+    ``original`` ``(C, H, W)`` and ``draws`` ``(n, C, H, W)`` in [0, 1] (a uint8 ``original`` is taken at its
+    midpoints, as :func:`resample_patch` takes it); a pixel counts as changed in a draw when any of its
+    channels moved by more than ``threshold``; shares are over all draws. Fig. 17 of the paper shows the
+    outside kept: this measures whether a model does.
+    """
+    orig = np.asarray(original)
+    orig = (orig.astype(np.float64) + 0.5) / 256.0 if orig.dtype == np.uint8 else orig.astype(np.float64)
+    d = np.asarray(draws, dtype=np.float64)
+    if d.ndim != 4 or d.shape[1:] != orig.shape:
+        raise ValueError(f"draws must be (n, {', '.join(map(str, orig.shape))}), got {d.shape}")
+    top, left, bh, bw = (int(v) for v in box)
+    changed = (np.abs(d - orig[None]) > threshold).any(axis=1)  # (n, H, W)
+    inside = np.zeros(changed.shape[1:], dtype=bool)
+    inside[top : top + bh, left : left + bw] = True
+    share_in = float(changed[:, inside].mean()) if inside.any() else 0.0
+    share_out = float(changed[:, ~inside].mean()) if (~inside).any() else 0.0
+    return share_in, share_out
 
 
 @torch.no_grad()

@@ -446,3 +446,19 @@ def test_threads_give_serial_results():
             for field in ("input", "log_s", "t", "output", "transformed"):
                 assert torch.equal(getattr(a, field).nan_to_num(7.0), getattr(b, field).nan_to_num(7.0))
     assert not model.training
+
+
+def test_box_change_shares_match_an_independent_count():
+    from flowcore.inspection import box_change_shares
+
+    rng = np.random.default_rng(0)
+    original = rng.integers(0, 256, (3, 6, 5), dtype=np.uint8)
+    base = (original + 0.5) / 256.0
+    draws = np.repeat(base[None], 4, axis=0).copy()
+    box = (1, 2, 3, 2)
+    draws[:, :, 1:4, 2:4] += 0.5  # every box pixel changes in every draw
+    draws[0, 2, 0, 0] += 0.2  # one outside pixel, one channel, one draw
+    draws[1, 0, 5, 4] += 0.04  # below the threshold: not a change
+    inside, outside = box_change_shares(original, draws, box, threshold=0.05)
+    assert inside == 1.0
+    assert outside == pytest.approx(1 / (4 * (30 - 6)))

@@ -6,6 +6,12 @@ import numpy as np
 import streamlit as st
 
 from app import figures, state
+from flowcore.inspection import box_change_shares
+from flowcore.likelihood import as_image_tensor
+
+THRESHOLD = 0.05
+# A shipped single-scale model, whose latents each belong to one pixel: resampling keeps the outside there.
+SINGLE_SCALE = "fashion_realnvp_horizontal"
 
 
 def main() -> None:
@@ -13,8 +19,9 @@ def main() -> None:
     st.title("Patch resampling")
     st.caption(
         "Replace the latents inside a box by fresh Gaussian draws, keep all the others, and map back to an "
-        "image. The paper's Fig. 17: only the pixels of the box change, and they are filled in to match their "
-        "surroundings. Latents encode local pixel information, not the global content of the image."
+        "image. The paper's Fig. 17 shows the pixels of the box redrawn to match their surroundings and the rest "
+        "kept: latents encode local pixel information, not the global content of the image. The line under the "
+        "figure measures how far this model keeps the outside."
     )
     label, image = state.current_image(name)
     c, h, w = state.image_shape(name)
@@ -24,7 +31,10 @@ def main() -> None:
     left = int(cols[1].number_input("Left", 0, w - 1, left0, key="rs_left"))
     bh = int(cols[2].number_input("Height", 1, h, bh0, key="rs_h"))
     bw = int(cols[3].number_input("Width", 1, w, bw0, key="rs_w"))
+    asked = (bh, bw)
     bh, bw = min(bh, h - top), min(bw, w - left)
+    if (bh, bw) != asked:
+        st.info(f"The box is cut at the image's edge: {bh}x{bw} pixels are used (asked {asked[0]}x{asked[1]}).")
     s1, s2, s3 = st.columns(3)
     temperature = s1.slider("Temperature", 0.0, 1.5, 1.0, 0.05, key="rs_temperature")
     n = s2.slider("Draws", 1, 16, 8, key="rs_n")
@@ -35,6 +45,18 @@ def main() -> None:
     titles = ["original"] + [f"draw {i + 1}" for i in range(len(out))]
     st.plotly_chart(figures.image_grid(images, titles, cols=min(9, len(images)), box=box), key="rs_fig")
     st.caption(f"{label}; box top {top}, left {left}, {bh}x{bw} pixels (cyan), temperature {temperature:g}.")
+    original = as_image_tensor(np.asarray(image)[None])[0].numpy()
+    inside, outside = box_change_shares(original, out, box, THRESHOLD)
+    text = (f"Measured here: {100 * inside:.0f} % of the pixels inside the box and {100 * outside:.0f} % of those "
+            f"outside changed by more than {THRESHOLD:g} (of the 0-1 range) over the {len(out)} draws.")
+    if outside > 0.05:
+        text += (" Unlike Fig. 17, this model does not keep the outside: in a multi-scale flow the latents at a "
+                 "pixel of a coarser scale were computed from a squeezed, wider neighbourhood, so redrawing them "
+                 "moves pixels beyond the box.")
+    st.markdown(text)
+    if outside > 0.05 and SINGLE_SCALE in state.checkpoint_options() and name != SINGLE_SCALE:
+        st.button(f"Try the single-scale `{SINGLE_SCALE}`", key="rs_single",
+                  on_click=st.session_state.__setitem__, args=(state.CHECKPOINT_KEY, SINGLE_SCALE))
 
 
 state.run_page(main)
