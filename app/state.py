@@ -490,13 +490,37 @@ def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
+# BatchNorm in train mode normalises with the statistics of the batch: the image plus this many companions (the
+# model's own test images, else bundled examples, else its samples), as Fig. 10 computes them on a batch.
+BATCHNORM_COMPANIONS = 31
+
+
+def batchnorm_companions(name: str) -> tuple[np.ndarray, str]:
+    """Images that share the batch with the current one when BatchNorm runs in train mode, and what they are."""
+    dataset = config(name).get("dataset")
+    shape = image_shape(name)
+    if dataset:
+        try:
+            x, bundled = gallery_images(str(dataset), shape, BATCHNORM_COMPANIONS, os.environ.get("FLOWCORE_DATA_DIR"))
+            if len(x):
+                return x, f"{len(x)} {'bundled example' if bundled else 'test'} images of {set_label(str(dataset))}"
+        except (DatasetNotFound, ValueError, OSError):
+            pass
+    return samples(name, BATCHNORM_COMPANIONS, 0.7, 0), f"{BATCHNORM_COMPANIONS} of the model's samples"
+
+
 @st.cache_data(show_spinner="Computing latents...", max_entries=64)
 def _latent_map(name: str, key: str, array: np.ndarray, n_draws: int, batchnorm: str) -> np.ndarray:
-    return flowcore.latents(model(name), array[None], n_draws=n_draws, batchnorm=batchnorm)[0]
+    batch = array[None]
+    if batchnorm == "train":
+        batch = np.concatenate([batch, batchnorm_companions(name)[0]])
+    z = flowcore.latents(model(name), batch, n_draws=n_draws, batchnorm=batchnorm, batch_size=len(batch))
+    return z[0]
 
 
 def latent_map(name: str, array: np.ndarray, n_draws: int = 40, batchnorm: str = "eval") -> np.ndarray:
-    """Latents ``(C, H, W)`` of one image averaged over ``n_draws`` dequantizations."""
+    """Latents ``(C, H, W)`` of one image averaged over ``n_draws`` dequantizations; with BatchNorm in train mode
+    the statistics are those of a batch of the image and :func:`batchnorm_companions`."""
     return _latent_map(name, stamp(name), np.ascontiguousarray(array), int(n_draws), batchnorm)
 
 

@@ -500,3 +500,18 @@ def test_perturbation_sentence_is_measured_on_the_current_model(env: tuple[Path,
         delta = flowcore.bits_per_dim(model, state.perturb(image, **settings)[None], **kw)[0] - base
         effect = "more likely" if delta < 0 else "less likely"
         assert f"{words} makes it {effect} ({delta:+.3f} bits/dim)" in text, text
+
+
+def test_batchnorm_train_mode_latents_use_a_real_batch(env: tuple[Path, Path]) -> None:
+    import flowcore
+
+    image = (np.random.default_rng(8).random((28, 28)) * 255).astype(np.uint8)
+    z = state.latent_map("fashion_realnvp", image, n_draws=2, batchnorm="train")
+    companions, what = state.batchnorm_companions("fashion_realnvp")
+    assert len(companions) > 1 and "test images" in what
+    batch = np.concatenate([image[None], companions])
+    model = state.model("fashion_realnvp")
+    want = flowcore.latents(model, batch, n_draws=2, batchnorm="train", batch_size=len(batch))[0]
+    np.testing.assert_allclose(z, want, atol=1e-6)
+    alone = flowcore.latents(model, image[None], n_draws=2, batchnorm="train")[0]
+    assert not np.allclose(z, alone, atol=1e-3)  # a batch of one would normalise by the image itself
