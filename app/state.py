@@ -30,7 +30,7 @@ from flowcore.checkpoints import CheckpointError, checkpoints_dir, list_checkpoi
 from flowcore.data import DATASETS, EXAMPLE_SETS, DatasetNotFound, load_examples, load_images
 from flowcore.evaluate import auroc_table, default_ood_sets, load_reference, set_label
 from flowcore.images import IMAGE_SUFFIXES, ImageError, decode_image, preprocess
-from flowcore.inspection import default_box, receptive_field_size
+from flowcore.inspection import default_box
 from flowcore.likelihood import nats_to_bpd
 from flowcore.scores import SCORE_NAMES, compute_scores
 
@@ -78,7 +78,6 @@ __all__ = [
     "trace",
     "jacobian",
     "footprint",
-    "rf_size",
     "resampled",
     "box_default",
     "perturb",
@@ -569,16 +568,6 @@ def _footprint(name: str, key: str, array: np.ndarray, n_positions: int, seed: i
 def footprint(name: str, array: np.ndarray, n_positions: int = 64, seed: int = 0) -> np.ndarray:
     """Mean ``|dz/dx|`` over ``n_positions`` latent positions drawn at random (``(C, H, W)``)."""
     return _footprint(name, stamp(name), np.ascontiguousarray(array), int(n_positions), int(seed))
-
-
-@st.cache_data(show_spinner=False, max_entries=256)
-def _rf_size(name: str, key: str, array: np.ndarray, index: tuple[int, int, int], threshold: float) -> int:
-    return receptive_field_size(model(name), array, index, threshold=threshold)
-
-
-def rf_size(name: str, array: np.ndarray, index: tuple[int, int, int], threshold: float = 1e-3) -> int:
-    """Pixels whose influence on ``z[index]`` exceeds ``threshold`` times the largest one."""
-    return _rf_size(name, stamp(name), np.ascontiguousarray(array), tuple(int(i) for i in index), float(threshold))
 
 
 @st.cache_data(show_spinner="Resampling...", max_entries=64)

@@ -44,6 +44,7 @@ __all__ = [
     "jacobian_map",
     "jacobian_footprint",
     "receptive_field_size",
+    "influence_concentration",
     "default_box",
     "resample_patch",
     "box_change_shares",
@@ -451,6 +452,27 @@ def receptive_field_size(
     if peak == 0.0 or not math.isfinite(peak):
         return 0
     return int((jac > threshold * peak).sum())
+
+
+def influence_concentration(
+    influence: np.ndarray, position: Sequence[int], mass: float = 0.9, radius: int = 2
+) -> tuple[int, float]:
+    """How local one latent's influence map ``(H, W)`` (e.g. ``|dz/dv|`` maxed over channels) is.
+
+    Returns the fewest pixels that hold ``mass`` of the total influence, and the share of the total within
+    ``radius`` pixels (a ``(2 radius + 1)`` square, clipped at the edges) of ``position`` = ``(row, col)``.
+    A map with no influence at all gives ``(0, 0.0)``.
+    """
+    a = np.abs(np.asarray(influence, dtype=np.float64))
+    a = np.where(np.isfinite(a), a, 0.0)
+    total = float(a.sum())
+    if total == 0.0:
+        return 0, 0.0
+    ordered = np.sort(a.ravel())[::-1]
+    needed = int(np.searchsorted(np.cumsum(ordered), mass * total * (1 - 1e-12)) + 1)
+    r, c = (int(v) for v in position)
+    near = a[max(0, r - radius) : r + radius + 1, max(0, c - radius) : c + radius + 1].sum()
+    return min(needed, a.size), float(near / total)
 
 
 # ------------------------------------------------------------------------------------ resampling, samples

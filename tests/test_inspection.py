@@ -462,3 +462,13 @@ def test_box_change_shares_match_an_independent_count():
     inside, outside = box_change_shares(original, draws, box, threshold=0.05)
     assert inside == 1.0
     assert outside == pytest.approx(1 / (4 * (30 - 6)))
+
+
+def test_influence_concentration_counts_the_fewest_pixels_holding_the_mass():
+    from flowcore.inspection import influence_concentration
+
+    a = np.zeros((7, 7))
+    a[3, 3], a[3, 4], a[0, 0] = 6.0, 3.0, 1.0  # total 10: 90 % needs the two largest
+    assert influence_concentration(a, (3, 3), mass=0.9, radius=1) == (2, pytest.approx(0.9))
+    assert influence_concentration(a, (3, 3), mass=0.95, radius=3)[0] == 3
+    assert influence_concentration(np.zeros((3, 3)), (1, 1)) == (0, 0.0)
