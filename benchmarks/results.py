@@ -164,9 +164,13 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         lines += ["- Not evaluated yet (`flowcore evaluate " + name + "`).", ""]
         text = "\n".join(lines)
         return text, text
+    target = next((t for _, d, t, _ in TARGETS if d == _target_dataset(cfg)), None)
+    against = ""
+    if target is not None:
+        against = f"; quality target <= {target}: {'met' if ref['bpd_mean'] <= target else 'not met'}"
     lines.append(
         f"- Test bits/dim: mean **{ref['bpd_mean']:.3f}**, median {ref['bpd_median']:.3f} "
-        f"({ref['counts'].get('test')} test images, {ref['n_draws']} dequantization draw(s))"
+        f"({ref['counts'].get('test')} test images, {ref['n_draws']} dequantization draw(s)){against}"
     )
     table = auroc_table(load_reference(name))
     sets = sorted({s for row in table.values() for s in row})

@@ -1,12 +1,18 @@
 """flowcore: exact, inspectable normalizing flows (RealNVP, Glow) for OOD-detection research."""
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from .checkpoints import CheckpointError, list_checkpoints, load, save
 from .config import FlowConfig
 from .inspection import coupling_trace, jacobian_footprint, jacobian_map, latents, resample_patch, sample
 from .likelihood import bits_per_dim, dequantize, log_likelihood_nats, nats_to_bpd
 from .models import build
 
-__version__ = "0.1.0"
+try:  # one place for the version: pyproject.toml
+    __version__ = _version("flowcore")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "unknown"
 
 __all__ = [
     "FlowConfig",

@@ -226,14 +226,12 @@ def histogram_figure(
 ) -> Path | None:
     """Paper Fig. 8-style histogram of per-image log-likelihoods (bpd) per set; PNG via matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure  # no pyplot: the caller's backend and figure state stay untouched
     except ImportError:
         return None
     sets = [k.split("__")[0] for k in reference if k.endswith(f"__{score}")]
-    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    fig = Figure(figsize=(6, 3.5), dpi=110)
+    ax = fig.subplots()
     for s in sets:
         values = reference[f"{s}__{score}"]
         if score == "likelihood":
@@ -246,5 +244,4 @@ def histogram_figure(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
-    plt.close(fig)
     return path
