@@ -169,6 +169,8 @@ def _cmd_app(args: argparse.Namespace) -> int:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--client.toolbarMode",
+        "minimal",  # no Deploy button or developer menu for the dashboard's users
     ]
     return subprocess.call(cmd, env=env)
 
