@@ -148,9 +148,13 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         lines.append(f"- Background model for the likelihood ratio: pixels replaced by noise w.p. {mu}")
     if t.get("negative"):
         n = t["negative"]
+        paper_c = -30000 if cfg.get("dataset") in ("fashion_mnist", "mnist", "notmnist") else -100000
+        how = ("averaged over the N_OOD points above c, as eq. 7" if n.get("normalised_by") == "n_ood" else
+               "averaged over the whole OOD batch (trained before eq. 7's N_OOD normalisation was implemented)")
         lines.append(
-            f"- Negative training (App. B, eq. 7): log P pushed down on {n['dataset']} (train split) while above"
-            f" c = {n['threshold']:g} nats (weight {n['weight']:g}); the paper used c = -30000 for this family"
+            f"- Negative training (App. B): log P pushed down on {n['dataset']} (train split) while above"
+            f" c = {n['threshold']:g} nats (weight {n['weight']:g}), {how}; the paper used c = {paper_c} nats"
+            " for this family (its log p(x) is the same discrete log-likelihood in nats, so c carries over)"
         )
     if cfg.get("train_config", {}).get("freeze_batchnorm"):
         lines.append("- BatchNorm frozen at the parent's running statistics during fine-tuning, so the trained"
@@ -220,7 +224,7 @@ def table1(shipped: set[str]) -> list[str]:
     for (arch, train), cells in PAPER.items():
         name = f"{PREFIX[train]}_{arch}"
         for ood, paper in cells.items():
-            where = f"| {'RealNVP' if arch == 'realnvp' else 'Glow'} | {LABEL[train]} -> {LABEL[ood]} | {paper:g} |"
+            where = f"| {'RealNVP' if arch == 'realnvp' else 'Glow'} | {LABEL[train]} -> {LABEL[ood]} | {paper} |"
             if ood == "svhn":
                 rows.append(f"{where} – | | no SVHN copy here |")
                 continue

@@ -42,7 +42,7 @@ from .data import load_images, match_shape
 from .likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
 from .models import build, log_prob_running_stats
 
-__all__ = ["TrainConfig", "NegativeConfig", "load_train_config", "train"]
+__all__ = ["TrainConfig", "NegativeConfig", "load_train_config", "negative_term", "train"]
 
 
 @dataclass
@@ -188,6 +188,22 @@ def _lr_at(cfg: TrainConfig, step: int, total_steps: int, warm_from: int = 0) ->
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def negative_term(log_q: Tensor, threshold: float, world: int = 1) -> Tensor:
+    """Eq. 7's OOD term: ``(1 / N_OOD) sum_x log p(x) I[log p(x) > c]`` over the OOD batch, ``N_OOD`` the number
+    of OOD points above ``c`` (the term is 0 when none is). ``log_q`` is the discrete log-likelihood in nats,
+    the units of the paper's code (its loss is ``-(log N(z) + log det - D log 256)`` of ``(k + u) / 256``), so
+    its thresholds (c = -30000 for the MNIST family, -100000 for CIFAR-10, CelebA, SVHN) carry over unchanged.
+
+    Under ``world`` processes each rank holds a slice and DistributedDataParallel averages the gradients, so
+    each rank divides by the global count over ``world``: the average is then the single-process gradient.
+    """
+    active = (log_q > threshold).to(log_q.dtype)
+    n_ood = active.sum().detach()
+    if world > 1:
+        n_ood = dist.all_reduce_sum(n_ood.double()).to(log_q.dtype) / world
+    return (log_q * active).sum() / torch.clamp(n_ood, min=1.0)
 
 
 def _load_state(path: Path) -> dict[str, Any]:
@@ -429,8 +445,7 @@ def train(
             loss = -log_p.mean() / (dims * math.log(2))
             neg_term = None
             if v_neg is not None:
-                active = (log_q > cfg.negative.threshold).to(log_q.dtype)
-                neg_term = (log_q * active).mean() / (dims * math.log(2))
+                neg_term = negative_term(log_q, cfg.negative.threshold, world) / (dims * math.log(2))
                 loss = loss + cfg.negative.weight * neg_term
             opt.zero_grad(set_to_none=True)
             ok = bool(torch.isfinite(loss))
@@ -509,7 +524,8 @@ def train(
         "stopped_by": stopped_by,
         "skipped_steps": pos["skipped"],
         "pixel_noise_mu": cfg.pixel_noise_mu,
-        "negative": asdict(cfg.negative) if cfg.negative else None,
+        # "normalised_by": how the OOD term was averaged (eq. 7: over the N_OOD points above c)
+        "negative": {**asdict(cfg.negative), "normalised_by": "n_ood"} if cfg.negative else None,
         "init_from": _parent_summary(cfg.init_from) if cfg.init_from else None,
         "torch": torch.__version__,
         "device": device,

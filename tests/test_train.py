@@ -337,3 +337,15 @@ def test_score_folder_with_a_corrupt_file(tiny_data, tmp_path, capsys):
     main(["score", str(tmp_path / "ck"), str(folder / "blob0.png"), "--no-progress", "--invert", "no"])
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[0].startswith("path,log_likelihood_nats,bpd") and len(lines) == 2
+
+
+def test_negative_term_is_eq_7_normalised_by_the_points_above_the_threshold():
+    from flowcore.train import negative_term
+
+    log_q = torch.tensor([-10.0, -50.0, -20.0, -200.0], requires_grad=True)
+    term = negative_term(log_q, threshold=-100.0)
+    assert term.item() == pytest.approx((-10 - 50 - 20) / 3)  # N_OOD = 3 points above c, not the batch of 4
+    term.backward()
+    assert log_q.grad.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
+    none_active = negative_term(torch.tensor([-500.0, -600.0]), threshold=-100.0)
+    assert none_active.item() == 0.0  # guarded: no division by zero when every OOD point is below c
