@@ -224,7 +224,9 @@ def score_files(
         rows: list[dict] = []
         for start in range(first, stop, batch_size):
             batch = np.stack(arrays[start : start + batch_size])
-            s = compute_scores(model, batch, reference, background, n_draws, seed, batch_size, device)
+            # the model sees one image at a time: float32 convolutions round differently with the batch size
+            # (1e-4 nats), and a file's score must be bitwise the same alone, in any company and in the app
+            s = compute_scores(model, batch, reference, background, n_draws, seed, 1, device)
             if score not in s:
                 raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORE_NAMES)}")
             rows += result_rows(good[start : start + batch_size], s, score, reference, fpr)

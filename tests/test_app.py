@@ -475,7 +475,7 @@ def test_gallery_works_without_data_dir_from_bundled_examples(
 
 
 def test_score_caption_states_this_models_own_aurocs(env: tuple[Path, Path]) -> None:
-    from app.views.score import likelihood_finding
+    from app.measure import likelihood_finding
 
     row = next(r for r in state.auroc_rows("rgb_realnvp") if r["score"] == "likelihood")
     text = likelihood_finding("rgb_realnvp")
@@ -488,7 +488,7 @@ def test_score_caption_states_this_models_own_aurocs(env: tuple[Path, Path]) -> 
 
 def test_perturbation_sentence_is_measured_on_the_current_model(env: tuple[Path, Path]) -> None:
     import flowcore
-    from app.views.perturb import PROBES, measured_edits
+    from app.measure import PROBES, measured_edits
 
     image = (np.random.default_rng(7).random((28, 28)) * 255).astype(np.uint8)
     text = measured_edits("fashion_realnvp", image)

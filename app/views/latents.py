@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, state
-from flowcore.likelihood import as_image_tensor
+from app import figures, measure, state
 
 
 def main() -> None:
@@ -44,24 +43,7 @@ def main() -> None:
         f"mean {finite.mean():.3f}, std {finite.std():.3f} (a standard normal has 0 and 1). "
         f"Blue negative, red positive; hover for values.{batch_note}"
     )
-    r = image_correlation(image, z)
-    if abs(r) >= 0.5:
-        verdict = "z clearly follows the image, as in Fig. 10"
-    elif abs(r) >= 0.25:
-        verdict = "z follows the image only weakly"
-    else:
-        verdict = "z looks little like the image here, unlike the paper's larger models in Fig. 10"
-    st.markdown(f"Measured: the correlation of z with the image's pixels is **r = {r:.2f}**: {verdict}.")
-
-
-def image_correlation(image: np.ndarray, z: np.ndarray) -> float:
-    """Pearson correlation of the latents ``(C, H, W)`` with the uint8 image's pixels in the same layout."""
-    x = as_image_tensor(np.asarray(image)[None])[0].numpy().astype(np.float64).ravel()
-    zz = np.asarray(z, dtype=np.float64).ravel()
-    ok = np.isfinite(zz)
-    if ok.sum() < 2 or x[ok].std() == 0 or zz[ok].std() == 0:
-        return 0.0
-    return float(np.corrcoef(x[ok], zz[ok])[0, 1])
+    st.markdown(measure.latent_sentence(image, z))
 
 
 state.run_page(main)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, state
+from app import figures, measure, state
 from flowcore.scores import ood_threshold, percentile_of
 
 LEVELS = {
@@ -14,23 +14,6 @@ LEVELS = {
     "contrast": [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0],
     "blur": [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0],
 }
-
-
-# Three edits whose effect the page states for the current model and image: (words, perturb settings).
-PROBES = [("pixel noise of std 10", {"noise": 10.0}), ("a blur of radius 1", {"blur": 1.0}),
-          ("half the contrast", {"contrast": 0.5})]
-
-
-def measured_edits(name: str, image: np.ndarray) -> str:
-    """One sentence, from scores computed now, on what each probe edit does to this image's bits/dim."""
-    batch = np.stack([image] + [state.perturb(image, **settings) for _, settings in PROBES])
-    bpd = state.scores(name, batch)["bpd"]
-    parts = []
-    for (words, _), value in zip(PROBES, bpd[1:], strict=True):
-        delta = value - bpd[0]
-        effect = "more likely" if delta < 0 else "less likely" if delta > 0 else "unchanged"
-        parts.append(f"{words} makes it {effect} ({delta:+.3f} bits/dim)")
-    return f"Measured on this image under `{name}`: " + "; ".join(parts) + "."
 
 
 def main() -> None:
@@ -42,7 +25,7 @@ def main() -> None:
         "measures how this model answers three edits of the current image."
     )
     label, image = state.current_image(name)
-    st.caption(measured_edits(name, image))
+    st.caption(measure.measured_edits(name, image))
     shape = state.image_shape(name)
     dims = int(np.prod(shape))
     c = st.columns(6)

@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, state
-from flowcore.inspection import influence_concentration
+from app import figures, measure, state
 
 H_KEY, W_KEY, C_KEY = "rf_h", "rf_w", "rf_c"
-MASS, RADIUS = 0.9, 2  # "the fewest pixels holding 90 % of the influence"; the 5x5 neighbourhood
 
 
 def picked_point(event: object) -> tuple[int, int] | None:
@@ -69,24 +67,12 @@ def main() -> None:
         jac = np.abs(state.jacobian(name, image, index)).max(axis=0)
         fp = np.abs(state.footprint(name, image, n_positions)).max(axis=0) if show_footprint else None
         st.plotly_chart(figures.jacobian_figure(image, jac, index[1:], fp, log=log), key="rf_fig")
-        needed, near = influence_concentration(jac, index[1:], MASS, RADIUS)
-        side = 2 * RADIUS + 1
         st.caption(
             f"{label}; latent (channel {index[0]}, row {index[1]}, column {index[2]}). Colours run from 0 (black) "
             f"to this map's largest |dz/dx| (yellow). The footprint is the mean |dz/dx| over {n_positions} latents "
             "drawn at random (max over channels)."
         )
-        if needed:
-            share = needed / (h * w)
-            kind = ("local, as in Fig. 12" if share <= 0.1 else
-                    "spread wider than Fig. 12's" if share > 0.25 else "fairly local")
-            st.markdown(
-                f"Measured: {100 * MASS:.0f} % of this latent's total influence sits in **{needed} of {h * w} "
-                f"pixels** ({100 * share:.1f} %), and {100 * near:.0f} % of it within the {side}x{side} "
-                f"pixels around its own position: {kind}."
-            )
-        else:
-            st.markdown("Measured: this latent does not depend on any pixel here (the Jacobian row is zero).")
+        st.markdown(measure.locality_sentence(jac, index[1:]))
 
 
 state.run_page(main)

@@ -5,11 +5,8 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, state
-from flowcore.inspection import box_change_shares
-from flowcore.likelihood import as_image_tensor
+from app import figures, measure, state
 
-THRESHOLD = 0.05
 # A shipped single-scale model, whose latents each belong to one pixel: resampling keeps the outside there.
 SINGLE_SCALE = "fashion_realnvp_horizontal"
 
@@ -45,16 +42,9 @@ def main() -> None:
     titles = ["original"] + [f"draw {i + 1}" for i in range(len(out))]
     st.plotly_chart(figures.image_grid(images, titles, cols=min(9, len(images)), box=box), key="rs_fig")
     st.caption(f"{label}; box top {top}, left {left}, {bh}x{bw} pixels (cyan), temperature {temperature:g}.")
-    original = as_image_tensor(np.asarray(image)[None])[0].numpy()
-    inside, outside = box_change_shares(original, out, box, THRESHOLD)
-    text = (f"Measured here: {100 * inside:.0f} % of the pixels inside the box and {100 * outside:.0f} % of those "
-            f"outside changed by more than {THRESHOLD:g} (of the 0-1 range) over the {len(out)} draws.")
-    if outside > 0.05:
-        text += (" Unlike Fig. 17, this model does not keep the outside: in a multi-scale flow the latents at a "
-                 "pixel of a coarser scale were computed from a squeezed, wider neighbourhood, so redrawing them "
-                 "moves pixels beyond the box.")
+    text, outside = measure.resampling_sentence(image, out, box)
     st.markdown(text)
-    if outside > 0.05 and SINGLE_SCALE in state.checkpoint_options() and name != SINGLE_SCALE:
+    if outside > measure.KEPT_OUTSIDE and SINGLE_SCALE in state.checkpoint_options() and name != SINGLE_SCALE:
         st.button(f"Try the single-scale `{SINGLE_SCALE}`", key="rs_single",
                   on_click=st.session_state.__setitem__, args=(state.CHECKPOINT_KEY, SINGLE_SCALE))
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import figures, state
+from app import figures, measure, state
 from flowcore.scores import (
     SCORE_DESCRIPTIONS,
     ood_threshold,
@@ -25,29 +25,10 @@ def verdict(value: float, threshold: float) -> str:
     return "OOD" if value < threshold else "in-distribution"
 
 
-def likelihood_finding(name: str) -> str:
-    """The paper's starting point (Fig. 1, 8), stated for this model from its own likelihood AUROCs."""
-    row = next((r for r in state.auroc_rows(name) if r["score"] == "likelihood"), None)
-    if not row or len(row) < 2:
-        return "This model has no OOD AUROCs yet (run `flowcore evaluate`): nothing to say about how it ranks OOD sets."
-    sets = {k: v for k, v in row.items() if k != "score"}
-    higher = [f"{s} ({100 * v:.1f} %)" for s, v in sets.items() if v < 0.5]
-    lower = [f"{s} ({100 * v:.1f} %)" for s, v in sets.items() if v >= 0.5]
-    parts = []
-    if higher:
-        parts.append(f"gives {', '.join(higher)} a *higher* likelihood than its own test images on average "
-                     "(likelihood AUROC below 50 %), so likelihood alone cannot flag them")
-    if lower:
-        parts.append(f"ranks {', '.join(lower)} below its test images (AUROC at or above 50 %; 100 % = fully "
-                     "separated)")
-    return (f"Where do your images land among the model's own images and the OOD sets? `{name}` "
-            + "; it ".join(parts) + ". The paper's starting point (Fig. 1, 8) is the first kind.")
-
-
 def main() -> None:
     name = state.need_checkpoint()
     st.title("Score")
-    st.caption(likelihood_finding(name))
+    st.caption(measure.likelihood_finding(name))
     shape = state.image_shape(name)
     dims = int(np.prod(shape))
     ref = state.reference(name)
