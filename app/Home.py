@@ -39,7 +39,10 @@ PAGES = {
         st.Page("views/resampling.py", title="Patch resampling", icon=":material/auto_fix_high:"),
         st.Page("views/samples.py", title="Samples", icon=":material/casino:"),
     ],
-    "Help": [st.Page("views/guide.py", title="Guide", icon=":material/school:")],
+    "Help": [
+        st.Page("views/tour.py", title="The paper in ten minutes", icon=":material/slideshow:"),
+        st.Page("views/guide.py", title="Guide", icon=":material/school:"),
+    ],
 }
 
 

@@ -247,6 +247,7 @@ VIEWS = {
     "resampling": 1,
     "samples": 1,
     "guide": 0,
+    "tour": 0,
 }
 
 
@@ -515,3 +516,22 @@ def test_batchnorm_train_mode_latents_use_a_real_batch(env: tuple[Path, Path]) -
     np.testing.assert_allclose(z, want, atol=1e-6)
     alone = flowcore.latents(model, image[None], n_draws=2, batchnorm="train")[0]
     assert not np.allclose(z, alone, atol=1e-3)  # a batch of one would normalise by the image itself
+
+
+def test_tour_walks_every_step_with_measured_sentences(env: tuple[Path, Path]) -> None:
+    from app.views import tour
+
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "tour.py"), default_timeout=TIMEOUT)
+    at.run()
+    seen = []
+    for step in range(len(tour.STEPS)):
+        assert not at.exception, (step, at.exception)
+        assert at.subheader[0].value == tour.STEPS[step][0]
+        seen.append("\n".join(m.value for m in at.markdown))
+        if step < len(tour.STEPS) - 1:
+            at.button(key="tour_next").click().run()
+    assert at.button(key="tour_next").disabled
+    assert "Measured" in seen[1] and "Measured" in seen[2] and "Measured here" in seen[3]
+    assert "AUROC" in seen[5]
+    at.button(key="tour_back").click().run()
+    assert at.subheader[0].value == tour.STEPS[-2][0]

@@ -15,6 +15,9 @@ out-of-distribution (OOD). It does not: digits get a *higher* likelihood. Kirich
 pixel correlations and generic image transformations**, which every natural image shares, rather than the
 meaning of the images they were trained on. Each view of this dashboard shows one piece of that story.
 
+**The paper in ten minutes**. A guided tour of the argument in six steps, each with one live figure and a
+sentence measured on the shipped default model: a ready-made class demo.
+
 **Score** (paper Fig. 1, 8). Histograms of the model's likelihood (bits/dim or nats) on its train and test
 images and on OOD sets, with your images as vertical lines; the percentile among test images and a verdict
 at a chosen false-positive rate. Look for: the OOD sets sitting at *lower* bits/dim (higher likelihood)
@@ -28,21 +31,23 @@ dataset examples, the model's own samples and a drawing canvas. Everything added
 both families.
 
 **Perturbation explorer**. Noise, brightness, contrast, blur and inversion with a live likelihood curve.
-Look for: noise makes any image much less likely; smoothing often makes it *more* likely. The likelihood
-measures local smoothness, not content.
+The paper's reading: noise makes an image much less likely while smoothing can make it *more* likely, because
+the likelihood measures local smoothness, not content; the page measures what the current model does.
 
-**Latents** (Fig. 10). The input next to its latents *z*, pixel by pixel. Look for: *z* still looks like the
-image. The flow has not abstracted away from pixels. With BatchNorm in train mode the structure is clearer.
+**Latents** (Fig. 10). The input next to its latents *z*, pixel by pixel. The paper finds that *z* still
+looks like the image (the flow has not abstracted away from pixels), more clearly with BatchNorm in train mode;
+the page measures the correlation of *z* with the image for the current model.
 
 **Coupling layers** (Fig. 11, 13). Each coupling's input, scale *s*, shift *t* and output. Look for: *s* and
 *t* are edge maps or shifted copies of the image: the layers predict a pixel from its neighbours
 ("coupling layer co-adaptation"), whatever the image shows.
 
-**Receptive field** (Fig. 12). Click a latent to see which input pixels it depends on. Look for: a small
-neighbourhood around the same pixel. Local structure dominates the likelihood.
+**Receptive field** (Fig. 12). Click a latent to see which input pixels it depends on. The paper finds a small
+neighbourhood around the same pixel; the page measures how many pixels hold 90 % of the influence.
 
-**Patch resampling** (Fig. 17). Redraw the latents inside a box and invert. Look for: only the box
-changes, filled in to match its surroundings; latents store local, not global, information.
+**Patch resampling** (Fig. 17). Redraw the latents inside a box and invert. In the paper only the
+box changes, filled in to match its surroundings; the page measures how many pixels change inside and outside
+the box (multi-scale models mix a wider area).
 
 **Samples** (Fig. 18). Images drawn from the model at a temperature, with their likelihood.
 
