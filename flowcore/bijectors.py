@@ -26,6 +26,7 @@ __all__ = [
     "InvConv1x1",
     "AffineCoupling",
     "VectorCoupling",
+    "Standardize",
     "Chain",
     "squeeze",
     "unsqueeze",
@@ -271,6 +272,28 @@ class AffineCoupling(Bijector):
     def inverse(self, y: Tensor) -> Tensor:
         log_s, t, _ = self.scale_shift(y)
         return (y - t) * torch.exp(-log_s)
+
+
+class Standardize(Bijector):
+    """``y = (x - mean) / scale`` per feature, with ``mean`` and ``scale`` fixed buffers (set from training data
+    by :meth:`fit`): keeps a flow on raw features (e.g. an extractor's output) a density of those raw features."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, floor: float = 1e-3) -> None:
+        """Set ``mean`` and ``scale`` from data ``(N, D)``; ``floor`` keeps a (nearly) constant feature finite."""
+        self.mean.copy_(x.mean(0))
+        self.scale.copy_(x.std(0).clamp_min(floor))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (x - self.mean) / self.scale, (-torch.log(self.scale).sum()).expand(len(x))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return y * self.scale + self.mean
 
 
 class VectorCoupling(Bijector):

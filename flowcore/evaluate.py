@@ -112,6 +112,16 @@ def evaluate(
     device = dist.init(device)
     folder = resolve(checkpoint)
     cfg = read_config(folder)
+    if cfg.get("features"):  # a flow on image features (Sec. 8): its own, much cheaper, evaluation
+        from .vectors import evaluate_vectors
+
+        reference, fields = evaluate_vectors(folder, cfg, data_dir, train_subset, test_subset, ood_subset, ood,
+                                             progress)
+        summary = {**fields, "n_draws": 1, "seed": seed, "auroc": _rounded_aurocs(reference),
+                   "torch": torch.__version__}
+        if write and dist.is_main():
+            _store(folder, cfg, reference, summary, None)
+        return summary
     model = load(folder, device=device)
     shape = model.config.image_shape
     dataset = cfg.get("dataset")
@@ -179,7 +189,9 @@ def _rounded_aurocs(reference: dict[str, np.ndarray]) -> dict[str, dict[str, flo
     return {k: {s: round(a, 5) for s, a in row.items()} for k, row in auroc_table(reference).items()}
 
 
-def _store(folder: Path, cfg: dict[str, Any], reference: dict[str, np.ndarray], summary: dict, dims: int) -> None:
+def _store(
+    folder: Path, cfg: dict[str, Any], reference: dict[str, np.ndarray], summary: dict, dims: int | None
+) -> None:
     """Write reference.npz (atomically), the summary into config.json, and the histogram."""
     arrays = {k: v.astype(np.float32) if k.endswith("__bpd") else v for k, v in reference.items()}
     atomic_write(folder / REFERENCE, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
@@ -221,10 +233,11 @@ def histogram_figure(
     reference: dict[str, np.ndarray],
     path: str | os.PathLike,
     title: str = "",
-    dims: int = 784,
+    dims: int | None = 784,
     score: str = "likelihood",
 ) -> Path | None:
-    """Paper Fig. 8-style histogram of per-image log-likelihoods (bpd) per set; PNG via matplotlib."""
+    """Paper Fig. 8-style histogram of per-image log-likelihoods (bpd) per set; PNG via matplotlib.
+    ``dims=None``: a flow on features, drawn in nats (a continuous density has no bits/dim)."""
     try:
         from matplotlib.figure import Figure  # no pyplot: the caller's backend and figure state stay untouched
     except ImportError:
@@ -234,10 +247,13 @@ def histogram_figure(
     ax = fig.subplots()
     for s in sets:
         values = reference[f"{s}__{score}"]
-        if score == "likelihood":
+        if score == "likelihood" and dims:
             values = -values / (dims * math.log(2))
         ax.hist(values, bins=80, alpha=0.5, density=True, label=f"{s} (n={len(values)})")
-    ax.set_xlabel("bits/dim (lower = more likely)" if score == "likelihood" else score)
+    if score == "likelihood":
+        ax.set_xlabel("bits/dim (lower = more likely)" if dims else "log-likelihood, nats (higher = more likely)")
+    else:
+        ax.set_xlabel(score)
     ax.set_ylabel("density")
     ax.set_title(title)
     ax.legend(fontsize=8)

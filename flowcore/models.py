@@ -22,7 +22,18 @@ import math
 import torch
 from torch import Tensor, nn
 
-from .bijectors import ActNorm, AffineCoupling, Bijector, Chain, InvConv1x1, Logit, VectorCoupling, squeeze, unsqueeze
+from .bijectors import (
+    ActNorm,
+    AffineCoupling,
+    Bijector,
+    Chain,
+    InvConv1x1,
+    Logit,
+    Standardize,
+    VectorCoupling,
+    squeeze,
+    unsqueeze,
+)
 from .config import FlowConfig, as_config
 from .nets import MLP, GlowST, HighwayST, ResNetST
 
@@ -101,15 +112,20 @@ class ImageFlow(nn.Module):
 
 
 class TabularFlow(nn.Module):
-    """RealNVP for vectors: alternating half-mask couplings with MLP st-nets."""
+    """RealNVP for vectors: a fixed standardisation (set from the training data, stored with the weights, so
+    the density is of the raw features), then alternating half-mask couplings with MLP st-nets."""
 
     def __init__(self, config: FlowConfig) -> None:
         super().__init__()
         self.config = config
         dim = config.dim
-        self.body = Chain(
-            [VectorCoupling(dim, i, MLP(dim, config.hidden, config.blocks)) for i in range(config.couplings)]
-        )
+        couplings = [VectorCoupling(dim, i, MLP(dim, config.hidden, config.blocks)) for i in range(config.couplings)]
+        self.body = Chain([Standardize(dim), *couplings])
+
+    @property
+    def standardize(self) -> Standardize:
+        """The first layer: call its ``fit`` with the training features before training."""
+        return self.body.layers[0]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.body(x)

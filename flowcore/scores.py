@@ -210,6 +210,10 @@ def score_files(
     if not files:
         where = ", ".join(display_path(p) for p in paths)
         raise ValueError(f"no image files found in {where}" + (f" ({problems[0][1]})" if problems else ""))
+    if cfg.get("features"):
+        if score != "likelihood":
+            raise ValueError(f"{checkpoint} is a flow on image features: its only score is likelihood")
+        return _score_feature_files(model, files, problems, reference, fpr, progress)
     good, arrays, failures = [], [], list(problems)
     for f in files:
         try:
@@ -263,7 +267,7 @@ def result_rows(
             {
                 "path": name,
                 "log_likelihood_nats": round(ll, 4),
-                "bpd": round(float(scores["bpd"][i]), 5),
+                "bpd": round(float(scores["bpd"][i]), 5) if "bpd" in scores else "",  # none for feature flows
                 "score": score,
                 "value": round(value, 5),
                 "percentile": round(float(pct[i]), 2),
@@ -271,6 +275,28 @@ def result_rows(
             }
         )
     return rows
+
+
+def _score_feature_files(model, files, problems, reference, fpr, progress) -> tuple[list[dict], list[tuple[str, str]]]:
+    """``score_files`` for a flow on image features (Sec. 8): each file is decoded in colour at its own size,
+    embedded alone (so its score never depends on the other files) and scored by the feature flow."""
+    from tqdm.auto import tqdm
+
+    from .embeddings import extract
+    from .images import ImageError, decode_image, display_path
+    from .vectors import log_likelihood
+
+    rows: list[dict] = []
+    failures = list(problems)
+    for f in tqdm(files, disable=not progress, unit="img", desc="score"):
+        try:
+            rgb = np.asarray(decode_image(f).convert("RGB"))
+        except (ImageError, OSError) as e:
+            failures.append((display_path(f), str(e)))
+            continue
+        ll = log_likelihood(model, extract(rgb[None]))
+        rows += result_rows([display_path(f)], {"likelihood": ll}, "likelihood", reference, fpr)
+    return [r for r in rows if "error" not in r], failures + [(r["path"], r["error"]) for r in rows if "error" in r]
 
 
 def write_rows(rows: list[dict], fmt: str, stream) -> None:

@@ -88,6 +88,8 @@ class TrainConfig:
     freeze_batchnorm: bool = False
     threads: int | None = None
     log_every: int = 100  # steps between 'train' events in log.jsonl
+    # Sec. 8: train on the images' features from this extractor (flowcore.embeddings.EXTRACTOR), not the pixels
+    features: str | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -144,6 +146,15 @@ class TrainConfig:
             raise ValueError(f"freeze_batchnorm must be true or false, got {self.freeze_batchnorm!r}")
         check_int("threads", self.threads, 1, 1024, optional=True)
         check_int("log_every", self.log_every, 1)
+        if self.features is not None:
+            from .embeddings import EXTRACTOR, FEATURE_DIM
+
+            if self.features != EXTRACTOR:
+                raise ValueError(f"unknown features {self.features!r}; available: {EXTRACTOR}")
+            if self.model.arch != "realnvp_tabular" or self.model.dim != FEATURE_DIM:
+                raise ValueError(f"features need model arch realnvp_tabular with dim {FEATURE_DIM}")
+        elif self.model.arch == "realnvp_tabular":
+            raise ValueError("a realnvp_tabular model trains on vectors: set features (e.g. efficientnet-lite0)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -167,7 +178,7 @@ def load_train_config(path: str | os.PathLike) -> TrainConfig:
     return TrainConfig.from_dict(raw)
 
 
-def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+def optimizer_for(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -175,7 +186,7 @@ def _optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _lr_at(cfg: TrainConfig, step: int, total_steps: int, warm_from: int = 0) -> float:
+def lr_at(cfg: TrainConfig, step: int, total_steps: int, warm_from: int = 0) -> float:
     """Learning rate at global ``step``; the linear warmup starts at ``warm_from`` (0, or where a resumed run's
     schedule was extended: jumping from an annealed rate straight back to a high one knocks a converged model
     far off its optimum within a few dozen steps)."""
@@ -250,7 +261,7 @@ def _parent_summary(name: str) -> dict[str, Any]:
     return {"checkpoint": name, **{k: t[k] for k in keep if k in t}}
 
 
-class _Logger:
+class RunLog:
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path, self.enabled = path, enabled
 
@@ -262,7 +273,19 @@ class _Logger:
             f.write(json.dumps(event) + "\n")
 
 
-def _drop_derived_files(folder: Path) -> None:
+def export_folder(run_dir: Path, export_dir: str | os.PathLike | None, replace: bool) -> Path:
+    """Where a run exports (``export_dir``, else ``RUN_DIR/checkpoint``), refused before any training when it
+    already holds a model and ``replace`` is not given (the run's own folder is its own to rewrite)."""
+    out = Path(export_dir) if export_dir else Path(run_dir) / "checkpoint"
+    if export_dir and (out / WEIGHTS).exists() and not replace:
+        raise FileExistsError(
+            f"{out} already holds a model; training never replaces one unless told to "
+            "(--replace), so export elsewhere (--export DIR) or pass --replace"
+        )
+    return out
+
+
+def drop_derived_files(folder: Path) -> None:
     """Before new weights land in ``folder``: remove what was computed from the old ones (reference
     statistics, histogram, model card, and the ``reference`` summary and ``data_note`` in ``config.json``)."""
     for derived in ("reference.npz", "histogram.png", "README.md"):
@@ -307,14 +330,9 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
-    out = Path(export_dir) if export_dir else run_dir / "checkpoint"
-    if export_dir and (out / WEIGHTS).exists() and not replace:  # the run's own folder is its to rewrite
-        raise FileExistsError(
-            f"{out} already holds a model; training never replaces one unless told to "
-            "(--replace), so export elsewhere (--export DIR) or pass --replace"
-        )
+    out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = _Logger(run_dir / "log.jsonl", enabled=main)
+    log = RunLog(run_dir / "log.jsonl", enabled=main)
     state_path = run_dir / "state.pt"
     shape = cfg.model.image_shape
 
@@ -326,7 +344,7 @@ def train(
     torch.manual_seed(cfg.seed)
     model = build(cfg.model).to(device)
     model, batchnorm = dist.convert_sync_batchnorm(model, device)
-    opt = _optimizer(cfg, model.parameters())
+    opt = optimizer_for(cfg, model.parameters())
     steps_per_epoch = len(x_train) // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
@@ -426,7 +444,7 @@ def train(
                 k = _add_pixel_noise(k, cfg.pixel_noise_mu, gen)
             v = dequantize(k, "uniform", gen)[local].to(device)
             for group in opt.param_groups:
-                group["lr"] = _lr_at(cfg, global_step, total_steps, pos["warm_from"])
+                group["lr"] = lr_at(cfg, global_step, total_steps, pos["warm_from"])
             # BatchNorm running stats change in the forward pass: keep them to undo a skipped step
             buffers_before = [b.clone() for b in model.buffers()]
             v_neg = None
@@ -532,7 +550,7 @@ def train(
         "world_size": world,
     }
     if main:
-        _drop_derived_files(out)
+        drop_derived_files(out)
         save(
             model.cpu(),
             out,
