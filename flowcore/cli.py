@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -109,7 +110,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .scores import score_files, write_rows
+    from .scoring import score_files, write_rows
 
     rows, failures = score_files(
         args.checkpoint,
@@ -188,6 +189,8 @@ def _cmd_app(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowcore", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true",
+                   help="show the full traceback of an error instead of one line (or set FLOWCORE_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a config (JSON or TOML)")
@@ -257,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DatasetNotFound
 
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("FLOWCORE_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
     except (CheckpointError, DatasetNotFound, OSError, ValueError) as e:
+        if debug:  # the full traceback, for a bug hiding behind a one-line message
+            raise
         print(f"flowcore {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -33,10 +33,8 @@ __all__ = [
     "percentile_of",
     "ood_threshold",
     "typicality_batch_test",
-    "score_files",
     "result_rows",
     "CSV_FIELDS",
-    "write_rows",
 ]
 
 SCORE_DESCRIPTIONS = {
@@ -158,92 +156,6 @@ def typicality_batch_test(
     return stat, p
 
 
-def score_files(
-    checkpoint,
-    paths,
-    score: str = "likelihood",
-    fpr: float = 0.05,
-    invert: str = "auto",
-    batch_size: int = 256,
-    device: str = "cpu",
-    progress: bool = False,
-) -> tuple[list[dict], list[tuple[str, str]]]:
-    """Score image files and folders with a checkpoint: one row per readable image, in input order.
-
-    Each row: path, log-likelihood (nats), bpd, the chosen score, its percentile among the
-    checkpoint's in-distribution test images and an OOD flag at false-positive rate ``fpr``.
-    Unreadable files are returned separately as ``(path, reason)``; they never stop the batch.
-
-    Under torchrun each process scores a contiguous run of whole batches and the rows are gathered
-    back in input order: every rank returns exactly the rows of a single-process run.
-    """
-    from tqdm.auto import tqdm
-
-    from . import distributed as dist
-    from .checkpoints import load, read_config
-    from .evaluate import load_reference
-    from .images import ImageError, display_path, find_image_files, load_image_file
-
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch size must be a whole number >= 1, got {batch_size!r}")
-    if not 0 < fpr < 1:
-        raise ValueError(f"fpr must be between 0 and 1 (exclusive), got {fpr!r}")
-    device = dist.init(device)
-    model = load(checkpoint, device=device)
-    reference = load_reference(checkpoint)
-    background = None
-    cfg = read_config(checkpoint)
-    if score == "likelihood_ratio":
-        if not cfg.get("background"):
-            raise ValueError(f"{checkpoint} has no background model, so no likelihood_ratio score")
-        background = load(cfg["background"], device=device)
-    ref_key = f"test__{score}"
-    if ref_key not in reference:
-        raise ValueError(
-            f"checkpoint has no reference statistics for score {score!r}; run `flowcore evaluate {checkpoint}`"
-        )
-    # the reference's own draws and seed, so that a file scores exactly as the same image does in the app
-    summary = cfg.get("reference") or {}
-    n_draws, seed = int(summary.get("n_draws", 1)), int(summary.get("seed", 0))
-    inv = {"auto": "auto", "yes": True, "no": False}[invert]
-    files, problems = find_image_files(paths)
-    if not files:
-        where = ", ".join(display_path(p) for p in paths)
-        raise ValueError(f"no image files found in {where}" + (f" ({problems[0][1]})" if problems else ""))
-    if cfg.get("features"):
-        if score != "likelihood":
-            raise ValueError(f"{checkpoint} is a flow on image features: its only score is likelihood")
-        return _score_feature_files(model, files, problems, reference, fpr, progress)
-    good, arrays, failures = [], [], list(problems)
-    for f in files:
-        try:
-            arrays.append(load_image_file(f, model.config.image_shape, invert=inv).array)
-            good.append(display_path(f))
-        except (ImageError, OSError) as e:
-            failures.append((display_path(f), str(e)))
-    lo, hi = dist.batch_range(len(good), batch_size)
-    bar = tqdm(total=hi - lo, disable=not progress or not dist.is_main(), unit="img", desc="score")
-
-    def score_range(first: int, stop: int) -> list[dict]:
-        rows: list[dict] = []
-        for start in range(first, stop, batch_size):
-            batch = np.stack(arrays[start : start + batch_size])
-            # the model sees one image at a time: float32 convolutions round differently with the batch size
-            # (1e-4 nats), and a file's score must be bitwise the same alone, in any company and in the app
-            s = compute_scores(model, batch, reference, background, n_draws, seed, 1, device)
-            if score not in s:
-                raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORE_NAMES)}")
-            rows += result_rows(good[start : start + batch_size], s, score, reference, fpr)
-            bar.update(len(batch))
-        return rows
-
-    scored = dist.map_batches(score_range, len(good), batch_size)
-    bar.close()
-    rows = [r for r in scored if "error" not in r]
-    failures += [(r["path"], r["error"]) for r in scored if "error" in r]
-    return rows, failures
-
-
 CSV_FIELDS = ["path", "log_likelihood_nats", "bpd", "score", "value", "percentile", "ood"]
 
 
@@ -275,39 +187,3 @@ def result_rows(
             }
         )
     return rows
-
-
-def _score_feature_files(model, files, problems, reference, fpr, progress) -> tuple[list[dict], list[tuple[str, str]]]:
-    """``score_files`` for a flow on image features (Sec. 8): each file is decoded in colour at its own size,
-    embedded alone (so its score never depends on the other files) and scored by the feature flow."""
-    from tqdm.auto import tqdm
-
-    from .embeddings import extract
-    from .images import ImageError, decode_image, display_path
-    from .vectors import log_likelihood
-
-    rows: list[dict] = []
-    failures = list(problems)
-    for f in tqdm(files, disable=not progress, unit="img", desc="score"):
-        try:
-            rgb = np.asarray(decode_image(f).convert("RGB"))
-        except (ImageError, OSError) as e:
-            failures.append((display_path(f), str(e)))
-            continue
-        ll = log_likelihood(model, extract(rgb[None]))
-        rows += result_rows([display_path(f)], {"likelihood": ll}, "likelihood", reference, fpr)
-    return [r for r in rows if "error" not in r], failures + [(r["path"], r["error"]) for r in rows if "error" in r]
-
-
-def write_rows(rows: list[dict], fmt: str, stream) -> None:
-    """CSV (header + one line per image) or JSON (one array)."""
-    import csv
-    import json
-
-    if fmt == "json":
-        json.dump(rows, stream, indent=1)
-        stream.write("\n")
-        return
-    w = csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)

@@ -166,7 +166,7 @@ def test_upload_scores_and_corrupt_file_gives_clear_error(env: tuple[Path, Path]
 
 
 def test_app_score_equals_cli_score_and_twins_score_alike(env: tuple[Path, Path], tmp_path: Path) -> None:
-    from flowcore.scores import score_files
+    from flowcore.scoring import score_files
 
     ckpts, _ = env
     rng = np.random.default_rng(4)
@@ -191,7 +191,8 @@ def test_app_score_equals_cli_score_and_twins_score_alike(env: tuple[Path, Path]
 
 
 def test_app_csv_equals_cli_csv(env: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowcore.scores import result_rows, score_files, write_rows
+    from flowcore.scores import result_rows
+    from flowcore.scoring import score_files, write_rows
 
     ckpts, _ = env
     rng = np.random.default_rng(6)

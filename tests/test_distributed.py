@@ -29,7 +29,7 @@ from flowcore import distributed
 from flowcore.evaluate import evaluate, load_reference
 from flowcore.likelihood import log_likelihood_nats
 from flowcore.models import build
-from flowcore.scores import score_files
+from flowcore.scoring import score_files
 from flowcore.train import TrainConfig, load_train_config, train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -267,3 +267,13 @@ def test_disk_full_leaves_no_temp_file_and_says_so(tmp_path):
         atomic_write(target, fill_disk)
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+
+
+def test_debug_switch_shows_the_traceback(tmp_path, monkeypatch, capsys):
+    (tmp_path / "c.json").write_text("{not json")
+    assert main(["train", str(tmp_path / "c.json")]) == 2
+    with pytest.raises(ValueError, match="not valid JSON"):
+        main(["--debug", "train", str(tmp_path / "c.json")])
+    monkeypatch.setenv("FLOWCORE_DEBUG", "1")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        main(["train", str(tmp_path / "c.json")])

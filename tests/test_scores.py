@@ -163,7 +163,7 @@ def _write_pngs(folder, images):
 
 
 def test_score_is_a_function_of_the_image_alone(tmp_path):
-    from flowcore.scores import score_files
+    from flowcore.scoring import score_files
 
     ck, model = _tiny_checkpoint(tmp_path)
     images = np.random.default_rng(5).integers(0, 256, (50, 8, 8), dtype=np.uint8)
@@ -229,8 +229,8 @@ def test_zip_bomb_reference_is_refused_before_inflating(tmp_path):
 
 
 def test_non_finite_score_is_an_error_row_never_a_verdict(tmp_path, monkeypatch):
-    import flowcore.scores as scores_module
-    from flowcore.scores import score_files
+    import flowcore.scoring as scores_module
+    from flowcore.scoring import score_files
 
     ck, _ = _tiny_checkpoint(tmp_path)
     paths = _write_pngs(tmp_path / "imgs", np.random.default_rng(1).integers(0, 256, (3, 8, 8), dtype=np.uint8))
@@ -248,7 +248,7 @@ def test_non_finite_score_is_an_error_row_never_a_verdict(tmp_path, monkeypatch)
 
 
 def test_score_files_refuses_bad_batch_size_and_empty_input(tmp_path):
-    from flowcore.scores import score_files
+    from flowcore.scoring import score_files
 
     ck, _ = _tiny_checkpoint(tmp_path)
     (tmp_path / "empty").mkdir()
