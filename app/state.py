@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -84,6 +85,7 @@ __all__ = [
     "thumbnail",
 ]
 
+LOG = logging.getLogger("flowcore.app")
 DEFAULT_CHECKPOINT = "fashion_realnvp"
 IMAGE_TYPES = [s.lstrip(".") for s in IMAGE_SUFFIXES]  # the uploader's list: flowcore.images' formats
 ADDED_KEY = "added_inputs"
@@ -117,8 +119,10 @@ def run_page(body: Callable[[], None]) -> None:
     except (ImageError, CheckpointError, DatasetNotFound) as e:
         st.error(one_line(e))
     except (ValueError, IndexError, OSError) as e:
+        LOG.warning("page could not be shown: %s", one_line(e), exc_info=True)  # the traceback, server-side only
         st.error(f"Cannot show this view: {one_line(e)}")
     except Exception as e:  # an unexpected failure: a friendly line, the detail folded away, no traceback
+        LOG.exception("unexpected error in a page")
         st.error("This view hit an unexpected problem. Try another image, model or setting.")
         with st.expander("Details"):
             st.code(f"{type(e).__name__}: {one_line(e)}", language=None)

@@ -15,8 +15,8 @@ from flowcore.scores import (
     percentile_of,
     result_rows,
     typicality_batch_test,
-    write_rows,
 )
+from flowcore.scoring import write_rows
 
 MAX_MARKERS = 12
 
