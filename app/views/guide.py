@@ -62,6 +62,7 @@ ZOO_TOUR = {
     "fashion_realnvp": "the default: trained on Fashion-MNIST, it gives MNIST digits a higher likelihood (Fig. 1).",
     "fashion_glow": "the same failure in a Glow: it is not specific to one architecture (Table 1).",
     "mnist_realnvp": "the other direction: trained on MNIST, it does separate Fashion-MNIST and notMNIST.",
+    "mnist_glow": "the same direction in a Glow, for the Glow column of Table 1.",
     "fashion_realnvp_horizontal": "horizontal masks (App. G): same failure; the coupling views are easy to read.",
     "fashion_realnvp_cycle": "cycle-mask (App. I, Sec. 7): pixels cannot see their neighbours, so MNIST is less"
     " favoured; compare it with the horizontal one, which has the same size and budget.",
@@ -75,6 +76,7 @@ ZOO_TOUR = {
     " sets under the cross-domain rule); its card has the numbers.",
     "cifar10_glow": "a Glow on CIFAR-10, for the Glow column of Table 1 (its card says which data it was trained on).",
     "celeba_realnvp": "RGB 32x32, trained on CelebA faces.",
+    "celeba_glow": "a Glow on CelebA faces, for the Glow column of Table 1.",
 }
 
 
