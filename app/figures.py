@@ -155,6 +155,7 @@ class Panel:
     zmax: float | None = None
     zmid: float | None = None
     hover: str = "value"
+    colorbar: bool = False  # a colour scale beside this panel (placed by panels_figure)
 
 
 def _panel_trace(p: Panel) -> go.BaseTraceType:
@@ -171,7 +172,7 @@ def _panel_trace(p: Panel) -> go.BaseTraceType:
         zmin=zmin,
         zmax=zmax,
         zmid=p.zmid,
-        showscale=False,
+        showscale=p.colorbar,
         hoverongaps=True,
         hovertemplate=f"row %{{y}}, col %{{x}}<br>{p.hover} %{{z:.4g}}<extra>{p.title}</extra>",
     )
@@ -199,13 +200,19 @@ def panels_figure(
         rows=rows,
         cols=cols,
         subplot_titles=[p.title for p in panels] if titles else None,
-        horizontal_spacing=0.02,
+        horizontal_spacing=0.08 if any(p.colorbar for p in panels) else 0.02,  # colour bars sit in the gap
         vertical_spacing=min(0.08, 0.3 / rows),
     )
     for i, p in enumerate(panels):
         r, c = divmod(i, cols)
-        fig.add_trace(_panel_trace(p), row=r + 1, col=c + 1)
+        trace = _panel_trace(p)
+        fig.add_trace(trace, row=r + 1, col=c + 1)
         idx = r * cols + c + 1
+        if p.colorbar and isinstance(trace, go.Heatmap):
+            x_domain = fig.layout[f"xaxis{_axis_suffix(idx)}"].domain
+            y_domain = fig.layout[f"yaxis{_axis_suffix(idx)}"].domain
+            fig.data[-1].colorbar = {"x": x_domain[1], "xanchor": "left", "y": sum(y_domain) / 2,
+                                     "len": y_domain[1] - y_domain[0], "thickness": 10}
         fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, row=r + 1, col=c + 1)
         fig.update_yaxes(
             showticklabels=False,
@@ -366,8 +373,9 @@ def _nonnegative_panel(a: np.ndarray, title: str, log: bool) -> Panel:
         floor = peak * 1e-6 if peak > 0 else 1e-12
         a = np.log10(np.maximum(a, floor))
         lo = float(np.log10(floor))
-        return Panel(a, f"{title} (log10)", HEAT, lo, lo + 6.0 if peak > 0 else lo + 1.0, hover=f"log10 {title}")
-    return Panel(a, title, HEAT, 0.0, peak or 1.0, hover=title)
+        return Panel(a, f"{title} (log10)", HEAT, lo, lo + 6.0 if peak > 0 else lo + 1.0, hover=f"log10 {title}",
+                     colorbar=True)
+    return Panel(a, title, HEAT, 0.0, peak or 1.0, hover=title, colorbar=True)  # 0 is black: no influence
 
 
 def jacobian_figure(
@@ -386,7 +394,9 @@ def jacobian_figure(
     panels = [Panel(to_display(image), "input", hover="pixel"), _nonnegative_panel(jacobian, "|dz_i / dx|", log)]
     if footprint is not None:
         panels.append(_nonnegative_panel(footprint, "mean footprint", log))
-    return panels_figure(panels, cols=len(panels), marker=position, cell_height=cell_height)
+    fig = panels_figure(panels, cols=len(panels), marker=position, cell_height=cell_height)
+    fig.update_layout(margin={"l": 5, "r": 40, "t": 30, "b": 5})  # room for the last colour bar
+    return fig
 
 
 def curve(

@@ -427,6 +427,7 @@ def test_picker_jacobian_and_curve() -> None:
     assert sum(isinstance(t, go.Heatmap) for t in jac.data) == 3
     assert sum(isinstance(t, go.Scatter) for t in jac.data) == 3  # the marker on each panel
     assert jac.data[2].zmin == 0.0 and jac.data[2].zmax == 1.0
+    assert [t.showscale for t in jac.data if isinstance(t, go.Heatmap)] == [False, True, True]  # scales shown
     logged = figures.jacobian_figure(np.zeros((6, 5), np.uint8), np.full((6, 5), 100.0), log=True)
     assert np.allclose(np.asarray(logged.data[1].z, dtype=float), 2.0) and logged.data[1].zmax == 2.0
     c = figures.curve([0, 1, 2], [3.0, 2.0, 1.0], "noise", "bpd", current=1, hlines=[("test median", 2.0)])
