@@ -537,3 +537,13 @@ def test_tour_walks_every_step_with_measured_sentences(env: tuple[Path, Path]) -
     assert "AUROC" in seen[5]
     at.button(key="tour_back").click().run()
     assert at.subheader[0].value == tour.STEPS[-2][0]
+
+
+def test_score_page_says_when_auto_invert_flipped_an_upload(env: tuple[Path, Path]) -> None:
+    at = start()
+    light = np.full((40, 40), 230, np.uint8)
+    light[15:25, 15:25] = 20  # a dark square on a light background: auto-invert flips it
+    at.file_uploader(key=state.UPLOAD_KEY).set_value([("light.png", png_bytes(light), "image/png")])
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Inverted before scoring" in i.value and "light.png" in i.value for i in at.info)

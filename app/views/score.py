@@ -36,6 +36,10 @@ def main() -> None:
     # NaN or inf is an error for that image, never a percentile or a verdict (NaN < threshold is False)
     good, results, not_finite = state.finite_scores(name, good)
     state.show_input_errors([*bad, *not_finite])
+    flipped = [item.name for item, p in good if p.inverted]
+    if flipped and state.preprocessing_options()[0] == "auto":
+        st.info(f"Inverted before scoring (the sidebar's Invert is 'auto': a light border reads as dark-on-light, "
+                f"like a scanned digit): {', '.join(flipped)}. Set Invert to 'no' to score them as they are.")
 
     c1, c2, c3 = st.columns([1, 2, 2])
     units = c1.radio("Units", ["bpd", "nats"], horizontal=True, key="score_units")
