@@ -113,7 +113,8 @@ def sidebar() -> None:
     c1, c2 = st.columns(2)
     c1.radio("Invert", ["auto", "yes", "no"], key=state.INVERT_KEY, help="auto: dark-on-light gray images")
     c2.radio("Fit", ["crop", "pad"], key=state.FIT_KEY, help="centre-crop or pad to the model's size")
-    inputs = state.all_inputs()
+    # only inputs this model can read: an unreadable upload must not stay selected while a page shows another
+    inputs = [item for item, _ in state.prepared_inputs(state.image_shape(name))[0]] if state.all_inputs() else []
     if inputs:
         keys = [i.key for i in inputs]
         names = {i.key: f"{i.name} ({i.source})" for i in inputs}

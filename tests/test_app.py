@@ -547,3 +547,15 @@ def test_score_page_says_when_auto_invert_flipped_an_upload(env: tuple[Path, Pat
     at.run()
     assert not at.exception, at.exception
     assert any("Inverted before scoring" in i.value and "light.png" in i.value for i in at.info)
+
+
+def test_unreadable_upload_is_not_offered_as_image_to_inspect(env: tuple[Path, Path]) -> None:
+    at = start()
+    good = png_bytes((np.random.default_rng(9).random((20, 20)) * 255).astype(np.uint8))
+    at.file_uploader(key=state.UPLOAD_KEY).set_value(
+        [("broken.png", b"not an image", "image/png"), ("good.png", good, "image/png")]
+    )
+    at.run()
+    assert not at.exception, at.exception
+    picker = at.sidebar.selectbox(key=state.CURRENT_KEY)
+    assert [picker.format_func(k) for k in picker.options] == ["good.png (upload)"]
