@@ -3,7 +3,7 @@
     python benchmarks/upload_memory.py [--checkpoint fashion_realnvp]
 
 Each case runs in a fresh process: a file is written first, then the process records its peak resident set
-size (``ru_maxrss``) after importing flowcore and loading the model (the baseline every server process pays
+size (``VmHWM``, Linux) after importing flowcore and loading the model (the baseline every server process pays
 once) and again after decoding, preprocessing and scoring the file. The difference is what one upload adds.
 """
 
@@ -23,22 +23,28 @@ CASES = [  # (label, Pillow mode, format, side in pixels)
 ]
 
 CHILD = r"""
-import json, resource, sys
+import json, sys
 import numpy as np
 import flowcore
 from flowcore.images import load_image_file
 from flowcore.scores import compute_scores
 from flowcore.evaluate import load_reference
 
+def peak_mb():
+    # VmHWM: this process's own high-water mark (ru_maxrss would carry over the parent's peak from the fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+
 path, checkpoint = sys.argv[1], sys.argv[2]
 model = flowcore.load(checkpoint)
 reference = load_reference(checkpoint)
 compute_scores(model, np.zeros((1, *model.config.image_shape[1:]), np.uint8), reference)  # warm up
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak_mb()
 prepared = load_image_file(path, model.config.image_shape)
 scores = compute_scores(model, prepared.array[None], reference)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"base_mb": base / 1024, "peak_mb": peak / 1024, "bpd": float(scores["bpd"][0])}))
+peak = peak_mb()
+print(json.dumps({"base_mb": base, "peak_mb": peak, "bpd": float(scores["bpd"][0])}))
 """
 
 

@@ -430,8 +430,10 @@ def _find_svhn(d: Path, split: str, looked: list[str]) -> np.ndarray | None:
     looked.append(str(p))
     if not p.is_file():
         return None
-    from scipy.io import loadmat
-
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataFormatError(f"{p}: reading SVHN's MATLAB files needs scipy: pip install -e \".[svhn]\"") from None
     try:
         x = loadmat(p, variable_names=["X"]).get("X")
     except Exception as e:  # scipy raises several types on damaged .mat files

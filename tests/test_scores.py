@@ -256,3 +256,17 @@ def test_score_files_refuses_bad_batch_size_and_empty_input(tmp_path):
         score_files(ck, [tmp_path], batch_size=0)
     with pytest.raises(ValueError, match="no image files found"):
         score_files(ck, [tmp_path / "empty"])
+
+
+def test_auroc_equals_sklearn_with_ties_and_needs_both_sets():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = rng.integers(0, 6, rng.integers(1, 40)).astype(float)  # many ties
+        b = rng.integers(0, 6, rng.integers(1, 40)).astype(float)
+        assert auroc(a, b) == pytest.approx(roc_auc_score(np.r_[np.ones(len(a)), np.zeros(len(b))], np.r_[a, b]),
+                                            abs=1e-12)
+    assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
+    with pytest.raises(ValueError, match="at least one"):
+        auroc(np.array([1.0]), np.array([]))
