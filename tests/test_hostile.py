@@ -176,18 +176,23 @@ def test_non_utf8_file_names_are_printed_escaped(tmp_path, capsys):
     out.encode("utf-8")  # printable under a strict UTF-8 stdout
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every folder")
-def test_unreadable_subfolder_is_reported(tmp_path, capsys):
+def test_unreadable_subfolder_is_reported(tmp_path, capsys, monkeypatch):
     ck = _checkpoint(tmp_path / "ck")
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0)
-    try:
-        code, out, err = _run(capsys, "score", str(ck), str(tmp_path), "--no-progress")
-    finally:
-        locked.chmod(0o755)
-    assert code == 1 and "a.png" in out and "cannot list folder" in err
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(locked / "hidden.png")
+    real_scandir = os.scandir
+
+    def scandir(path="."):  # what a folder without read permission does (root would read it anyway)
+        if os.fspath(path) == str(locked):
+            raise PermissionError(13, "Permission denied", str(locked))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    code, out, err = _run(capsys, "score", str(ck), str(tmp_path), "--no-progress")
+    assert code == 1 and "a.png" in out and "hidden.png" not in out
+    assert "locked: cannot list folder (Permission denied)" in err
 
 
 def test_nan_checkpoint_is_an_error_not_a_verdict(tmp_path, capsys):
