@@ -196,7 +196,7 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     if paper:
         label = "paper Table 1 (likelihood)" if _is_baseline(cfg) else "paper Table 1, baseline model (likelihood)"
         lines.append(f"| {label} | " + " | ".join(
-            f"{paper[s]:.1f}" if s in paper else "–" for s in sets) + " |")
+            str(paper[s]) if s in paper else "–" for s in sets) + " |")
     for score, row in table.items():
         lines.append(f"| {score} | " + " | ".join(_fmt(row.get(s)) for s in sets) + " |")
     lines += ["", f"![histogram](../checkpoints/{name}/histogram.png)", ""]
