@@ -282,3 +282,18 @@ def test_debug_switch_shows_the_traceback(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLOWCORE_DEBUG", "1")
     with pytest.raises(ValueError, match="not valid JSON"):
         main(["train", str(tmp_path / "c.json")])
+
+
+def test_dockerfile_runs_the_documented_command():
+    """No container daemon here: check that the image's command is the README's and binds where -p reaches."""
+    root = Path(__file__).resolve().parent.parent
+    docker = (root / "Dockerfile").read_text()
+    assert 'CMD ["flowcore", "app", "--port", "8501", "--host", "0.0.0.0"]' in docker
+    assert "USER flowcore" in docker and "HEALTHCHECK" in docker and "/_stcore/health" in docker
+    readme = (root / "README.md").read_text()
+    assert "docker build -t flowcore . && docker run -p 8501:8501 -v /path/to/data:/data flowcore" in readme
+    from flowcore.cli import build_parser
+
+    args = build_parser().parse_args(["app", "--port", "8501", "--host", "0.0.0.0"])
+    assert (args.port, args.host) == (8501, "0.0.0.0")
+    assert build_parser().parse_args(["app"]).host == "127.0.0.1"
