@@ -31,7 +31,10 @@ __all__ = [
 
 SET_COLOURS = {"train": "#9e9e9e", "test": "#1f77b4"}
 OOD_COLOURS = ("#d62728", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
-MARKER_COLOURS = ("#111111", "#2ca02c", "#e6194b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6")
+# one distinct colour per image marker, as many as the Score page draws (its MAX_MARKERS); beyond, dashes differ
+MARKER_COLOURS = ("#111111", "#2ca02c", "#e6194b", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+                  "#008080", "#9a6324", "#800000", "#000075")
+MARKER_DASHES = ("solid", "dash", "dot", "dashdot")
 DIVERGING = "RdBu_r"
 HEAT = "Inferno"
 
@@ -111,6 +114,7 @@ def histogram(
         if x is None or not np.isfinite(x):
             continue
         colour = MARKER_COLOURS[j % len(MARKER_COLOURS)]
+        dash = MARKER_DASHES[(j // len(MARKER_COLOURS)) % len(MARKER_DASHES)]
         fig.add_trace(
             go.Scatter(
                 x=[float(x), float(x)],
@@ -118,7 +122,7 @@ def histogram(
                 yaxis="y2",
                 mode="lines",
                 name=label,
-                line={"color": colour, "width": 2.5},
+                line={"color": colour, "width": 2.5, "dash": dash},
                 hovertemplate=f"{label}: {float(x):.5g}<extra></extra>",
             )
         )

@@ -559,3 +559,14 @@ def test_unreadable_upload_is_not_offered_as_image_to_inspect(env: tuple[Path, P
     assert not at.exception, at.exception
     picker = at.sidebar.selectbox(key=state.CURRENT_KEY)
     assert [picker.format_func(k) for k in picker.options] == ["good.png (upload)"]
+
+
+def test_every_marker_of_a_full_score_page_has_its_own_colour() -> None:
+    from app.views.score import MAX_MARKERS
+
+    markers = [(f"img{i}", float(i)) for i in range(MAX_MARKERS + 2)]
+    fig = figures.histogram({"test": np.arange(10.0)}, markers)
+    lines = [t for t in fig.data if isinstance(t, go.Scatter) and t.name.startswith("img")]
+    styles = [(t.line.color, t.line.dash) for t in lines]
+    assert len({c for c, _ in styles[:MAX_MARKERS]}) == MAX_MARKERS
+    assert len(set(styles)) == len(styles)
