@@ -99,14 +99,15 @@ def main() -> None:
         m[0].metric("log-likelihood (nats)", f"{ll[i]:,.1f}")
         m[1].metric("bits/dim", f"{results['bpd'][i]:.4f}")
         m[2].metric(
-            "percentile among test images",
-            f"{pct[i]:.1f} %",
-            help="Share of the in-distribution test images with a lower likelihood (0 % = least likely).",
+            "percentile",
+            f"{pct[i]:.2f} %",  # the table's precision: 0.03 % must not read as 0.0 %
+            help="Percentile among the model's in-distribution test images: the share of them with a lower "
+            "likelihood (0 % = less likely than every test image).",
         )
         m[3].metric(f"verdict at {fpr:.0%} FPR ({score})", verdict(float(chosen[i]), score_threshold))
         if score != "likelihood":
             right.caption(
-                f"{score} = {chosen[i]:.4g}, percentile {score_pct[i]:.1f} % among test images; "
+                f"{score} = {chosen[i]:.4g}, percentile {score_pct[i]:.2f} % among test images; "
                 f"by likelihood alone: {verdict(float(ll[i]), ll_threshold)}."
             )
 
