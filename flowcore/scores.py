@@ -31,6 +31,8 @@ __all__ = [
     "auroc",
     "percentile_of",
     "ood_threshold",
+    "is_ood",
+    "verdict",
     "typicality_batch_test",
     "result_rows",
     "CSV_FIELDS",
@@ -151,6 +153,19 @@ def ood_threshold(reference_in: np.ndarray, fpr: float) -> float:
     return float(np.quantile(np.asarray(reference_in), fpr))
 
 
+def is_ood(value: float, threshold: float) -> bool:
+    """The one OOD verdict: a score below the threshold of :func:`ood_threshold`. A non-finite score has no
+    verdict (NaN compares False with everything, which would read as in-distribution): it is refused."""
+    if not np.isfinite(value):
+        raise ValueError(f"a non-finite score ({value}) has no OOD verdict")
+    return bool(value < threshold)
+
+
+def verdict(value: float, threshold: float) -> str:
+    """:func:`is_ood` in words, as the dashboard shows it."""
+    return "OOD" if is_ood(value, threshold) else "in-distribution"
+
+
 def typicality_batch_test(
     batch_ll: np.ndarray, train_ll: np.ndarray, reference_ll: np.ndarray, n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, float]:
@@ -193,7 +208,7 @@ def result_rows(
                 "score": score,
                 "value": round(value, 5),
                 "percentile": round(float(pct[i]), 2),
-                "ood": bool(value < threshold),
+                "ood": is_ood(value, threshold),
             }
         )
     return rows

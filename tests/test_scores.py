@@ -270,3 +270,12 @@ def test_auroc_equals_sklearn_with_ties_and_needs_both_sets():
     assert auroc(np.array([2.0, 3.0]), np.array([0.0, 1.0])) == 1.0
     with pytest.raises(ValueError, match="at least one"):
         auroc(np.array([1.0]), np.array([]))
+
+
+def test_one_verdict_function_refuses_nan():
+    from flowcore.scores import is_ood, verdict
+
+    assert is_ood(-5.0, -4.0) and not is_ood(-3.0, -4.0)
+    assert verdict(-5.0, -4.0) == "OOD" and verdict(-3.0, -4.0) == "in-distribution"
+    with pytest.raises(ValueError, match="non-finite score"):
+        is_ood(float("nan"), -4.0)

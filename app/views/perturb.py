@@ -6,7 +6,7 @@ import numpy as np
 import streamlit as st
 
 from app import figures, measure, state
-from flowcore.scores import ood_threshold, percentile_of
+from flowcore.scores import ood_threshold, percentile_of, verdict
 
 LEVELS = {
     "noise": [0.0, 2.0, 5.0, 10.0, 20.0, 40.0, 70.0, 100.0],
@@ -59,8 +59,8 @@ def main() -> None:
         if ref:
             pct = percentile_of(s["likelihood"][1:2], ref["test__likelihood"])[0]
             thr = ood_threshold(ref["test__likelihood"], 0.05)
-            verdict = "OOD" if s["likelihood"][1] < thr else "in-distribution"
-            st.caption(f"Edited image: percentile {pct:.1f} % among test images; at 5 % FPR: {verdict}.")
+            st.caption(f"Edited image: percentile {pct:.2f} % among test images; at 5 % FPR: "
+                       f"{verdict(float(s['likelihood'][1]), thr)}.")
     with right:
         hlines = []
         if ref:

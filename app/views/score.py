@@ -15,14 +15,11 @@ from flowcore.scores import (
     percentile_of,
     result_rows,
     typicality_batch_test,
+    verdict,
 )
 from flowcore.scoring import write_rows
 
 MAX_MARKERS = 12
-
-
-def verdict(value: float, threshold: float) -> str:
-    return "OOD" if value < threshold else "in-distribution"
 
 
 def main() -> None:
