@@ -53,6 +53,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .images import gray_from_rgb
+
 __all__ = [
     "DatasetNotFound",
     "DataFormatError",
@@ -837,7 +839,7 @@ def match_shape(images: np.ndarray, image_shape: tuple[int, int, int] | list[int
     if x.ndim == 4 and x.shape[-1] == 1:
         x = x[..., 0]
     if c == 1 and x.ndim == 4:
-        x = np.round(x.astype(np.float32).mean(axis=-1)).astype(np.uint8)
+        x = gray_from_rgb(x)
     elif c == 3 and x.ndim == 3:
         x = np.repeat(x[..., None], 3, axis=-1)
     x = _fit_spatial(x, h, w)

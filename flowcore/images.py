@@ -42,6 +42,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "decode_image",
     "display_path",
+    "gray_from_rgb",
     "find_image_files",
     "is_grayscale",
     "load_image_file",
@@ -285,9 +286,10 @@ def _parse_invert(invert: bool | str) -> bool | str:
     raise ValueError(f"invert must be True, False or 'auto', got {invert!r}")
 
 
-def _gray_from_rgb(rgb: np.ndarray) -> np.ndarray:
-    # Same rounding as flowcore.data.match_shape.
-    return np.round(rgb.astype(np.float32).mean(axis=-1)).astype(np.uint8)
+def gray_from_rgb(rgb: np.ndarray) -> np.ndarray:
+    """The project's one RGB -> gray rule (uploads and the cross-domain rule of :func:`flowcore.data.match_shape`):
+    the mean of the three channels, rounded."""
+    return np.round(np.asarray(rgb).astype(np.float32).mean(axis=-1)).astype(np.uint8)
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -325,7 +327,7 @@ def _convert(image: Image.Image, target: str, background: str) -> tuple[Image.Im
     if target == "L":
         if note == "" and image.mode not in _GRAY_MODES:
             note = " (mean of R, G, B)"
-        return Image.fromarray(_gray_from_rgb(rgb), "L"), note
+        return Image.fromarray(gray_from_rgb(rgb), "L"), note
     return Image.fromarray(np.ascontiguousarray(rgb), "RGB"), note
 
 
