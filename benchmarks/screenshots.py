@@ -71,6 +71,7 @@ PAGES = (
     PageSpec("receptive_field", "receptive_field", "Receptive field", 2),
     PageSpec("resampling", "resampling", "Patch resampling", 1),
     PageSpec("samples", "samples", "Samples", 1),
+    PageSpec("tour", "tour", "The paper in ten minutes", 1),
     PageSpec("guide", "guide", "Guide", 0),
 )
 
