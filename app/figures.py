@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import plotly.colors as pcolors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
@@ -36,7 +37,10 @@ MARKER_COLOURS = ("#111111", "#2ca02c", "#e6194b", "#4363d8", "#f58231", "#911eb
                   "#008080", "#9a6324", "#800000", "#000075")
 MARKER_DASHES = ("solid", "dash", "dot", "dashdot")
 DIVERGING = "RdBu_r"
-HEAT = "Inferno"
+# Inferno, black (0 = no influence) to yellow, spelled out as rgb() stops: plotly.js replaced the named scale's
+# first stop ('#000004') with a theme colour (violet or pink), drawing zero as if it were something.
+HEAT = [[i / (len(pcolors.sequential.Inferno) - 1), "rgb({}, {}, {})".format(*pcolors.hex_to_rgb(c))]
+        for i, c in enumerate(pcolors.sequential.Inferno)]
 
 Box = tuple[int, int, int, int]
 

@@ -570,3 +570,10 @@ def test_every_marker_of_a_full_score_page_has_its_own_colour() -> None:
     styles = [(t.line.color, t.line.dash) for t in lines]
     assert len({c for c, _ in styles[:MAX_MARKERS]}) == MAX_MARKERS
     assert len(set(styles)) == len(styles)
+
+
+def test_influence_maps_draw_zero_as_black() -> None:
+    """A named scale's first stop was swapped for a theme colour in the browser: the stops are spelled out."""
+    jac = figures.jacobian_figure(np.zeros((6, 5), np.uint8), np.ones((6, 5)))
+    scale = next(t for t in jac.data if isinstance(t, go.Heatmap) and t.showscale).colorscale
+    assert scale[0][0] == 0 and scale[0][1] == "rgb(0, 0, 4)" and scale[-1][1].startswith("rgb(")

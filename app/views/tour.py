@@ -51,7 +51,7 @@ def step_locality(name: str, image: np.ndarray) -> None:
     _, h, w = state.image_shape(name)
     jac = np.abs(state.jacobian(name, image, (0, h // 2, w // 2))).max(axis=0)
     st.markdown("Which pixels does the centre latent depend on? " + measure.locality_sentence(jac, (h // 2, w // 2)))
-    st.plotly_chart(figures.jacobian_figure(image, jac, (h // 2, w // 2)), key="tour_jac")
+    st.plotly_chart(figures.jacobian_figure(image, jac, (h // 2, w // 2)), key="tour_jac", theme=None)
 
 
 def step_resampling(name: str, image: np.ndarray) -> None:
