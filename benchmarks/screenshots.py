@@ -355,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     parser.add_argument("--chromium", type=Path, default=CHROMIUM)
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for one page")
+    parser.add_argument("--size", default=None, help="viewport WIDTHxHEIGHT, e.g. 1024x768 (a projector)")
     args = parser.parse_args(argv)
 
     from playwright.sync_api import sync_playwright
@@ -374,7 +375,11 @@ def main(argv: list[str] | None = None) -> None:
             with sync_playwright() as p:
                 browser = launch(p, args.chromium)
                 try:
-                    page = browser.new_page(viewport=VIEWPORT)
+                    viewport = VIEWPORT
+                    if args.size:
+                        width, height = (int(v) for v in args.size.lower().split("x"))
+                        viewport = {"width": width, "height": height}
+                    page = browser.new_page(viewport=viewport)
                     page.set_default_timeout(timeout)
                     open_app(page, url, timeout)
                     upload(page, images, timeout)

@@ -92,7 +92,8 @@ def main() -> None:
         st.subheader(f"{item.name}")
         left, right = st.columns([1, 4])
         left.image(state.thumbnail(prepared.array, 160), caption="what the model sees")
-        m = right.columns([1, 0.8, 0.9, 1.7])  # the verdict ("in-distribution") needs the room
+        # three numbers in a row, the verdict on its own: "in-distribution" must not be cut on a 1024x768 projector
+        m = [*right.columns(3), right.container()]
         m[0].metric("log-likelihood (nats)", f"{ll[i]:,.1f}")
         m[1].metric("bits/dim", f"{results['bpd'][i]:.4f}")
         m[2].metric(
