@@ -21,6 +21,7 @@ Conventions used by ``train``, ``evaluate`` and ``score``:
 
 from __future__ import annotations
 
+import datetime
 import os
 from collections.abc import Callable
 from datetime import timedelta
@@ -105,8 +106,18 @@ def init(device: str | torch.device = "cpu") -> str:
 
 
 def shutdown() -> None:
-    """Leave the process group (if any)."""
+    """Leave the process group (if any), after every rank has arrived: a rank tearing the group down while
+    another is still finishing its last collective can abort the process ("terminate called without an active
+    exception")."""
     if dist.is_available() and dist.is_initialized():
+        if _active():
+            try:
+                if dist.get_backend() == "gloo":  # bounded wait: a rank that died must not hang the others
+                    dist.monitored_barrier(timeout=datetime.timedelta(seconds=60))
+                else:
+                    dist.barrier()
+            except RuntimeError:
+                pass  # a rank is gone: leave anyway
         dist.destroy_process_group()
 
 
