@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from app import state
-from flowcore.inspection import box_change_shares, influence_concentration
+from flowcore.inspection import box_change_shares, influence_concentration, latent_image_correlation
 from flowcore.likelihood import as_image_tensor
 
 # Receptive field: "the fewest pixels holding 90 % of a latent's influence", and its 5x5 neighbourhood.
@@ -51,19 +51,9 @@ def measured_edits(name: str, image: np.ndarray) -> str:
     return f"Measured on this image under `{name}`: " + "; ".join(parts) + "."
 
 
-def image_correlation(image: np.ndarray, z: np.ndarray) -> float:
-    """Pearson correlation of the latents ``(C, H, W)`` with the uint8 image's pixels in the same layout."""
-    x = as_image_tensor(np.asarray(image)[None])[0].numpy().astype(np.float64).ravel()
-    zz = np.asarray(z, dtype=np.float64).ravel()
-    ok = np.isfinite(zz)
-    if ok.sum() < 2 or x[ok].std() == 0 or zz[ok].std() == 0:
-        return 0.0
-    return float(np.corrcoef(x[ok], zz[ok])[0, 1])
-
-
 def latent_sentence(image: np.ndarray, z: np.ndarray) -> str:
     """Fig. 10's claim (z still looks like the image), measured as the correlation of z with the pixels."""
-    r = image_correlation(image, z)
+    r = latent_image_correlation(image, z)
     if abs(r) >= 0.5:
         verdict = "z clearly follows the image, as in Fig. 10"
     elif abs(r) >= 0.25:

@@ -151,8 +151,8 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         lines.append(
             f"- Not App. C's Glow (`configs/fashion_glow_appc.json`: {appc.scales} scales x {appc.steps} steps, "
             f"{appc.blocks}-layer highway st-net of {appc.hidden} units): that model has {n:,} parameters "
-            f"({n * 4 / 1e6:.0f} MB of float32 weights, over the 15 MB budget) and trains at about 1 image/s on one "
-            "CPU core (README, Training at the paper's scale), about 17 hours an epoch"
+            f"({n * 4 / 1e6:.0f} MB of float32 weights, over the 15 MB budget); its training speed on one CPU core "
+            "is measured by benchmarks/throughput.py (README, Training at the paper's scale)"
         )
     if t.get("pixel_noise_mu"):
         mu = t["pixel_noise_mu"]

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .bijectors import AffineCoupling, Chain, Squeeze, squeeze, unsqueeze
-from .likelihood import dequantize, per_image_noise
+from .likelihood import as_image_tensor, dequantize, per_image_noise
 from .models import ImageFlow, MultiScale
 
 __all__ = [
@@ -48,6 +48,7 @@ __all__ = [
     "default_box",
     "resample_patch",
     "box_change_shares",
+    "latent_image_correlation",
     "sample",
 ]
 
@@ -543,6 +544,17 @@ def resample_patch(
         images = _to_unit(images)
     images_np = images.cpu().numpy()
     return (images_np, z.cpu().numpy()) if return_latents else images_np
+
+
+def latent_image_correlation(image: np.ndarray, z: np.ndarray) -> float:
+    """Pearson correlation of latents ``z`` (C, H, W) with a uint8 image's pixels in the same layout (Fig. 10's
+    "z still looks like the image", as a number); 0 when either is constant."""
+    x = as_image_tensor(np.asarray(image)[None])[0].numpy().astype(np.float64).ravel()
+    zz = np.asarray(z, dtype=np.float64).ravel()
+    ok = np.isfinite(zz)
+    if ok.sum() < 2 or x[ok].std() == 0 or zz[ok].std() == 0:
+        return 0.0
+    return float(np.corrcoef(x[ok], zz[ok])[0, 1])
 
 
 def box_change_shares(
