@@ -37,21 +37,30 @@ def cache_dir() -> Path:
 def dataset_features(
     dataset: str, split: str, data_dir: str | None = None, limit: int | None = None, progress: bool = False
 ) -> np.ndarray:
-    """Features ``(N, 1280)`` of the first ``limit`` images of ``dataset``'s ``split``, extracted once and cached."""
+    """Features ``(N, 1280)`` of the first ``limit`` images of ``dataset``'s ``split``, extracted once and cached.
+
+    One cache file per split (keyed by the extractor and a hash of the whole split) holds the features of its
+    first n images; a request for more extends it, a request for fewer reads a prefix. So the 5,000 test images
+    an evaluation asks for and the 10,000 a training run asks for are embedded once, not twice."""
     from tqdm.auto import tqdm
 
     images = load_images(dataset, split, data_dir)
-    if limit:
-        images = images[:limit]
+    wanted = min(limit, len(images)) if limit else len(images)
     label = Path(dataset.split(":", 1)[-1]).stem if ":" in dataset else dataset
-    path = cache_dir() / "features" / f"{label}_{split}_{len(images)}_{embeddings.data_key(images)}.npz"
+    path = cache_dir() / "features" / f"{label}_{split}_{embeddings.data_key(images)}.npz"
+    cached = np.empty((0, embeddings.FEATURE_DIM), dtype=np.float32)
     if path.is_file():
         with np.load(path, allow_pickle=False) as d:
-            cached = np.asarray(d["features"], dtype=np.float32)
-        if cached.shape == (len(images), embeddings.FEATURE_DIM) and np.isfinite(cached).all():
-            return cached
-    with tqdm(total=len(images), disable=not progress, unit="img", desc=f"embed {label} {split}") as bar:
-        features = embeddings.extract(images, progress=bar.update)
+            stored = np.asarray(d["features"], dtype=np.float32)
+        # a damaged or foreign file is recomputed, never trusted
+        if stored.ndim == 2 and stored.shape[1] == embeddings.FEATURE_DIM and len(stored) <= len(images) and \
+                np.isfinite(stored).all():
+            cached = stored
+    if len(cached) >= wanted:
+        return cached[:wanted].copy()
+    todo = images[len(cached) : wanted]
+    with tqdm(total=len(todo), disable=not progress, unit="img", desc=f"embed {label} {split}") as bar:
+        features = np.concatenate([cached, embeddings.extract(todo, progress=bar.update)])
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: np.savez(tmp, features=features), suffix=".npz")
     return features

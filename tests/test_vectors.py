@@ -61,8 +61,17 @@ def test_features_are_extracted_once_and_cached(fake):
     first = vectors.dataset_features(f"npz:{tmp_path / 'blobs.npz'}", "test")
     again = vectors.dataset_features(f"npz:{tmp_path / 'blobs.npz'}", "test")
     assert calls == [60] and np.array_equal(first, again) and first.shape == (60, DIM)
-    vectors.dataset_features(f"npz:{tmp_path / 'blobs.npz'}", "test", limit=10)  # other images: a new entry
-    assert calls == [60, 10]
+    # a prefix is read from the same entry; a longer request embeds only the images not yet cached
+    np.testing.assert_array_equal(vectors.dataset_features(f"npz:{tmp_path / 'blobs.npz'}", "test", limit=10),
+                                  first[:10])
+    assert calls == [60]
+    (cache,) = (tmp_path / "cache" / "features").iterdir()
+    np.savez(cache, features=first[:25])  # as if an earlier run had embedded only 25
+    np.testing.assert_allclose(vectors.dataset_features(f"npz:{tmp_path / 'blobs.npz'}", "test"), first, atol=1e-6)
+    assert calls == [60, 35]
+    np.savez(cache, features=np.full((60, DIM), np.nan, dtype=np.float32))  # a damaged entry is recomputed
+    np.testing.assert_allclose(vectors.dataset_features(f"npz:{tmp_path / 'blobs.npz'}", "test"), first, atol=1e-6)
+    assert calls == [60, 35, 60]
 
 
 def test_train_evaluate_and_score_a_flow_on_features(fake, capsys):
