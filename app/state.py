@@ -34,6 +34,7 @@ from flowcore.images import IMAGE_SUFFIXES, ImageError, decode_image, preprocess
 from flowcore.inspection import default_box
 from flowcore.likelihood import nats_to_bpd
 from flowcore.scores import SCORE_NAMES, compute_scores
+from flowcore.vectors import image_log_likelihood
 
 __all__ = [
     "DEFAULT_CHECKPOINT",
@@ -139,9 +140,23 @@ def no_checkpoint_message() -> str:
     )
 
 
+def is_feature_flow(name: str) -> bool:
+    """A flow on image features (Sec. 8): drawn on its own page; the pixel pages cannot show it."""
+    try:
+        return bool(config(name).get("features"))
+    except CheckpointError:
+        return False  # an unreadable checkpoint stays listed, and picking it shows why
+
+
+def feature_checkpoints() -> list[str]:
+    """Every flow on image features in the checkpoints folder."""
+    return [n for n in list_checkpoints() if is_feature_flow(n)]
+
+
 def checkpoint_options() -> list[str]:
-    """Every checkpoint in the checkpoints folder, plus ``$FLOWCORE_DEFAULT_CHECKPOINT`` if it is a path."""
-    names = list_checkpoints()
+    """Every pixel-flow checkpoint in the checkpoints folder, plus ``$FLOWCORE_DEFAULT_CHECKPOINT`` if it is a
+    path (flows on features have their own page)."""
+    names = [n for n in list_checkpoints() if not is_feature_flow(n)]
     env = os.environ.get("FLOWCORE_DEFAULT_CHECKPOINT")
     if env and env not in names:
         try:
@@ -491,6 +506,32 @@ def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np
     if not rows:
         return {}
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
+
+
+@st.cache_data(show_spinner=False, max_entries=4096)
+def _feature_score(name: str, key: str, array: np.ndarray) -> float:
+    return float(image_log_likelihood(model(name), array[None])[0])
+
+
+def feature_scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
+    """Log-likelihood (nats) of uint8 images under a flow on features, each image embedded alone and cached."""
+    key = stamp(name)
+    with st.spinner("Embedding with EfficientNet-Lite0 and scoring..."):
+        return np.array([_feature_score(name, key, np.ascontiguousarray(a)) for a in arrays], dtype=np.float64)
+
+
+def pixel_counterparts(name: str) -> list[str]:
+    """The plain pixel flows (no background model) trained on the same dataset as the feature flow ``name``."""
+    dataset = config(name).get("dataset")
+    out = []
+    for n in checkpoint_options():
+        try:
+            cfg = config(n)
+        except CheckpointError:
+            continue
+        if cfg.get("dataset") == dataset and not cfg.get("background") and cfg["model"].get("image_shape"):
+            out.append(n)
+    return out
 
 
 # BatchNorm in train mode normalises with the statistics of the batch: the image plus this many companions (the

@@ -68,7 +68,7 @@ def score_files(
     if cfg.get("features"):
         if score != "likelihood":
             raise ValueError(f"{checkpoint} is a flow on image features: its only score is likelihood")
-        return _score_feature_files(model, files, problems, reference, fpr, progress)
+        return _score_feature_files(model, cfg.get("input_shape"), files, problems, reference, fpr, progress)
     good, arrays, failures = [], [], list(problems)
     for f in files:
         try:
@@ -99,20 +99,26 @@ def score_files(
     return rows, failures
 
 
-def _score_feature_files(model, files, problems, reference, fpr, progress) -> tuple[list[dict], list[tuple[str, str]]]:
-    """``score_files`` for a flow on image features (Sec. 8): each file is decoded in colour at its own size,
+def _score_feature_files(
+    model, shape, files, problems, reference, fpr, progress
+) -> tuple[list[dict], list[tuple[str, str]]]:
+    """``score_files`` for a flow on image features (Sec. 8): each file is brought to the size of the training
+    images (``shape``, centre crop, never inverted; a checkpoint without it: decoded in colour at its own size),
     embedded alone (so its score never depends on the other files) and scored by the feature flow."""
     from tqdm.auto import tqdm
 
     from .embeddings import extract
-    from .images import ImageError, decode_image, display_path
+    from .images import ImageError, decode_image, display_path, load_image_file
     from .vectors import log_likelihood
 
     rows: list[dict] = []
     failures = list(problems)
     for f in tqdm(files, disable=not progress, unit="img", desc="score"):
         try:
-            rgb = np.asarray(decode_image(f).convert("RGB"))
+            if shape:
+                rgb = load_image_file(f, shape, invert=False).array
+            else:
+                rgb = np.asarray(decode_image(f).convert("RGB"))
         except (ImageError, OSError) as e:
             failures.append((display_path(f), str(e)))
             continue

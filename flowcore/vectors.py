@@ -25,7 +25,7 @@ from .data import DatasetNotFound, load_images
 from .models import build
 from .train import RunLog, TrainConfig, drop_derived_files, export_folder, lr_at, optimizer_for
 
-__all__ = ["cache_dir", "dataset_features", "train_vectors", "log_likelihood"]
+__all__ = ["cache_dir", "dataset_features", "train_vectors", "log_likelihood", "image_log_likelihood", "input_shape"]
 
 
 def cache_dir() -> Path:
@@ -76,6 +76,23 @@ def log_likelihood(model: torch.nn.Module, features: np.ndarray, batch_size: int
         raise ValueError("empty batch: no features to score")
     parts = [model.log_prob(x[i : i + batch_size]).double().numpy() for i in range(0, len(x), batch_size)]
     return np.concatenate(parts)
+
+
+def image_log_likelihood(model: torch.nn.Module, images_uint8: np.ndarray) -> np.ndarray:
+    """Log-density in nats of each uint8 image's features, each image embedded alone (its score never depends
+    on the images beside it)."""
+    x = np.asarray(images_uint8)
+    if len(x) == 0:
+        raise ValueError("empty batch: no images to score")
+    return np.concatenate([log_likelihood(model, embeddings.extract(x[i : i + 1])) for i in range(len(x))])
+
+
+def input_shape(dataset: str, data_dir: str | None = None) -> list[int]:
+    """``[C, H, W]`` of ``dataset``'s images: an image to be scored is first brought to this size, like the
+    images whose features the flow was trained on (a sharp 1024-pixel photo and a 32-pixel thumbnail of it
+    give different features)."""
+    x = load_images(dataset, "test", data_dir)
+    return [3, *x.shape[1:3]] if x.ndim == 4 else [1, *x.shape[1:3]]
 
 
 def train_vectors(
@@ -151,6 +168,7 @@ def train_vectors(
     }
     drop_derived_files(out)
     save(model, out, name=cfg.name, dataset=cfg.dataset, features=cfg.features, ood=cfg.ood, training=training,
+         input_shape=input_shape(cfg.dataset, data_dir),
          train_config=cfg.to_dict(), metrics={"test_nll_per_dim": round(test_nll, 5), "test_subset": len(x_test)})
     log(event="export", path=str(out), test_nll_per_dim=test_nll)
     return {"stopped_by": "epochs", "test_nll_per_dim": test_nll, "export": str(out), "epoch": cfg.epochs}

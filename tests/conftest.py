@@ -1,5 +1,6 @@
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,3 +23,19 @@ def data_dir() -> str:
     if not d or not os.path.isdir(d):
         pytest.skip("set FLOWCORE_DATA_DIR to the folder holding fashion_mnist.npz etc. to run this test")
     return d
+
+
+def fake_extract(images, batch_size=64, progress=None):
+    """A stand-in image feature extractor (the real one needs 20 MB of weights and minutes): a fixed random
+    projection of the pixels to 1280 dimensions, so images of different kinds get different feature
+    distributions. Each image's features depend on that image only, as with the real one."""
+    from flowcore.embeddings import FEATURE_DIM
+
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim == 3:  # grayscale replicated to RGB, as the real extractor does
+        x = np.repeat(x[..., None], 3, axis=-1)
+    x = x.reshape(len(images), -1) / 255.0
+    proj = np.random.default_rng(0).standard_normal((x.shape[1], FEATURE_DIM)).astype(np.float32)
+    if progress is not None:
+        progress(len(images))
+    return np.tanh(x @ proj / np.sqrt(x.shape[1])).astype(np.float32)

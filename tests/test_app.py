@@ -577,3 +577,70 @@ def test_influence_maps_draw_zero_as_black() -> None:
     jac = figures.jacobian_figure(np.zeros((6, 5), np.uint8), np.ones((6, 5)))
     scale = next(t for t in jac.data if isinstance(t, go.Heatmap) and t.showscale).colorscale
     assert scale[0][0] == 0 and scale[0][1] == "rgb(0, 0, 4)" and scale[-1][1].startswith("rgb(")
+
+
+@pytest.fixture
+def feature_env(tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """The tiny pixel checkpoints plus ``rgb_embeddings``: a flow on (fake) image features of the same npz data
+    as ``rgb_realnvp``, evaluated against MNIST-like digits."""
+    from conftest import fake_extract
+
+    import flowcore
+    from flowcore import embeddings
+    from flowcore.evaluate import evaluate
+    from flowcore.vectors import dataset_features
+
+    ckpts, data = tiny
+    mine = tmp_path / "checkpoints"
+    shutil.copytree(ckpts, mine)
+    monkeypatch.setattr(embeddings, "extract", fake_extract)
+    monkeypatch.setattr(embeddings, "load_extractor", lambda: None)
+    monkeypatch.setenv("FLOWCORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(mine))
+    monkeypatch.setenv("FLOWCORE_DATA_DIR", str(data))
+    monkeypatch.delenv("FLOWCORE_DEFAULT_CHECKPOINT", raising=False)
+    rgb = f"npz:{data / 'rgb.npz'}"
+    flow = flowcore.build({"arch": "realnvp_tabular", "dim": embeddings.FEATURE_DIM, "hidden": 8, "blocks": 1,
+                           "couplings": 2})
+    flow.standardize.fit(torch.from_numpy(dataset_features(rgb, "train")))
+    flowcore.save(flow, mine / "rgb_embeddings", name="rgb_embeddings", dataset=rgb, features=embeddings.EXTRACTOR,
+                  input_shape=[3, 32, 32], ood=["mnist"])
+    evaluate(mine / "rgb_embeddings", data_dir=str(data), ood=[f"npz:{data / 'mnist.npz'}"], train_subset=16)
+    return mine, data
+
+
+def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: tuple[Path, Path]) -> None:
+    import flowcore
+    from flowcore.data import EXAMPLE_SETS, load_examples
+    from flowcore.scores import ood_threshold, percentile_of
+    from flowcore.vectors import image_log_likelihood
+
+    ckpts, data = feature_env
+    at = start()
+    # the pixel pages never offer a flow on features (they could not draw it)
+    assert not any("rgb_embeddings" in o for o in at.sidebar.selectbox(key=state.CHECKPOINT_KEY).options)
+    faces = np.load(data / "rgb.npz")["x_test"]
+    at.session_state[state.ADDED_KEY] = [state.InputImage("face.png", png_bytes(faces[0]), "upload")]
+    at.switch_page("views/features.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="features_flow").value == "rgb_embeddings"
+    assert at.selectbox(key="features_pixel").value == "rgb_realnvp"  # the pixel flow on the same data
+    cfg = json.loads((ckpts / "rgb_embeddings" / "config.json").read_text())
+    ours = cfg["reference"]["auroc"]["likelihood"]["mnist"]
+    aurocs = next(d.value for d in at.dataframe if d.value.index.name == "OOD set")
+    assert aurocs.loc["mnist", "rgb_embeddings (features)"] == pytest.approx(100 * ours, abs=0.05)
+    assert f"mnist ({100 * ours:.1f} %)" in texts(at)  # the sentence quotes this flow's own AUROC
+
+    model = flowcore.load(ckpts / "rgb_embeddings")
+    reference = np.load(ckpts / "rgb_embeddings" / "reference.npz")["test__likelihood"]
+    yours = next(d.value for d in at.dataframe if d.value.index.name == "image")
+    expected = percentile_of(image_log_likelihood(model, faces[:1])[0], reference)
+    assert yours.loc["face.png", "features: percentile"] == pytest.approx(float(expected), abs=0.01)
+    assert "pixels: verdict" in yours.columns
+
+    threshold = ood_threshold(reference, 0.05)
+    examples = next(d.value for d in at.dataframe if d.value.index.name == "set")
+    for name in EXAMPLE_SETS:
+        flagged = int((image_log_likelihood(model, load_examples(name)) < threshold).sum())
+        assert examples.loc[name, "flagged OOD (features)"] == flagged, name

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import fake_extract
 
 import flowcore
 from flowcore import embeddings, vectors
@@ -16,26 +17,13 @@ from flowcore.evaluate import load_reference
 DIM = embeddings.FEATURE_DIM
 
 
-def _fake_extract(images, batch_size=64, progress=None):
-    """A stand-in extractor (the real one needs 20 MB of weights and minutes): a fixed random projection of
-    the pixels, so images of different kinds get different feature distributions."""
-    x = np.asarray(images, dtype=np.float32)
-    if x.ndim == 3:  # grayscale replicated to RGB, as the real extractor does
-        x = np.repeat(x[..., None], 3, axis=-1)
-    x = x.reshape(len(images), -1) / 255.0
-    proj = np.random.default_rng(0).standard_normal((x.shape[1], DIM)).astype(np.float32) / np.sqrt(x.shape[1])
-    if progress is not None:
-        progress(len(images))
-    return np.tanh(x @ proj).astype(np.float32)
-
-
 @pytest.fixture
 def fake(monkeypatch, tmp_path):
     calls = []
 
     def extract(images, batch_size=64, progress=None):
         calls.append(len(images))
-        return _fake_extract(images, batch_size, progress)
+        return fake_extract(images, batch_size, progress)
 
     monkeypatch.setattr(embeddings, "extract", extract)
     monkeypatch.setenv("FLOWCORE_CACHE", str(tmp_path / "cache"))
@@ -88,7 +76,7 @@ def test_train_evaluate_and_score_a_flow_on_features(fake, capsys):
     assert ref["auroc"]["likelihood"]["noise"] > 0.95  # the features of noise are far from those of blobs
     # the standardisation travels with the weights: the loaded flow takes raw extractor output
     model = flowcore.load(ck)
-    raw = _fake_extract(np.load(tmp_path / "blobs.npz")["x_test"])
+    raw = fake_extract(np.load(tmp_path / "blobs.npz")["x_test"])
     stored = load_reference(ck)["test__likelihood"]
     np.testing.assert_allclose(model.log_prob(torch.from_numpy(raw)).double().detach().numpy(), stored, rtol=1e-5)
     assert float(model.standardize.scale.min()) > 0 and float(model.standardize.mean.abs().max()) > 0
