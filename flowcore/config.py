@@ -48,9 +48,12 @@ class FlowConfig:
     - ``hidden`` / ``blocks``: st-network width and number of residual blocks (``net="resnet"``) or of
       highway layers (``net="highway"``, the paper's Glow st-net, App. C).
     - ``steps``: Glow's K (flow steps per scale).
-    - ``couplings``: number of couplings of the single-scale RealNVP (horizontal/cycle masks)
-      and of the tabular model.
+    - ``couplings``: number of couplings of the single-scale RealNVP (horizontal/cycle masks, or
+      checkerboard with ``scales`` 1: the same-size control of Sec. 7, Fig. 15) and of the tabular model.
     - ``bottleneck``: ``None`` or the width ``l`` of the linear layer in the middle of the st-net.
+    - ``bottleneck_channels``: ``None`` (the bottleneck reads the whole ``hidden x H x W`` feature map, as the
+      paper's) or ``k``: a 1x1 convolution first reduces the map to ``k`` channels, so a wide ``l`` stays small
+      on disk (all information still passes through ``l`` numbers).
     - ``logit_alpha``: ``a`` in ``y = logit(a + (1 - 2a) v)``.
     """
 
@@ -64,6 +67,7 @@ class FlowConfig:
     steps: int = 4
     couplings: int = 8
     bottleneck: int | None = None
+    bottleneck_channels: int | None = None
     net: str | None = None  # default: resnet for realnvp, glow block for glow; or highway
     logit_alpha: float = 0.05
 
@@ -78,6 +82,9 @@ class FlowConfig:
         check_int("steps", self.steps, 1, 128)
         check_int("couplings", self.couplings, 1, 128)
         check_int("bottleneck", self.bottleneck, 1, 4096, optional=True)
+        check_int("bottleneck_channels", self.bottleneck_channels, 1, 2048, optional=True)
+        if self.bottleneck_channels and not self.bottleneck:
+            raise ValueError("bottleneck_channels needs a bottleneck")
         check_number("logit_alpha", self.logit_alpha, 0.0, 0.5)
         if self.arch not in ARCHS:
             raise ValueError(f"unknown arch {self.arch!r}; expected one of {ARCHS}")
@@ -124,9 +131,10 @@ class FlowConfig:
         if self.arch == "glow":
             nets = self.scales * self.steps
         else:
-            nets = self.scales * 6 + 4 if self.mask == "checkerboard" else self.couplings
+            nets = self.scales * 6 + 4 if self.mask == "checkerboard" and self.scales > 1 else self.couplings
         if self.bottleneck:
-            per_net += 2 * self.bottleneck * self.hidden * self.image_shape[1] * self.image_shape[2]
+            width = self.bottleneck_channels or self.hidden
+            per_net += 2 * self.bottleneck * width * self.image_shape[1] * self.image_shape[2]
         return int(nets * per_net)
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,7 +166,9 @@ def describe_architecture(model_cfg: dict[str, Any]) -> str:
             text += f" (highway, {blocks} layers)"
     elif arch == "realnvp":
         mask = model_cfg.get("mask", "checkerboard")
-        if mask == "checkerboard":
+        if mask == "checkerboard" and model_cfg.get("scales") == 1:
+            text = f"RealNVP, single scale, {model_cfg.get('couplings')} checkerboard couplings"
+        elif mask == "checkerboard":
             text = f"RealNVP, {model_cfg.get('scales')} scales, checkerboard + channel masks"
         else:
             text = f"RealNVP, single scale, {model_cfg.get('couplings')} {mask} couplings"
@@ -167,4 +177,6 @@ def describe_architecture(model_cfg: dict[str, Any]) -> str:
         text = str(arch)
     if model_cfg.get("bottleneck"):
         text += f", bottleneck {model_cfg['bottleneck']}"
+        if model_cfg.get("bottleneck_channels"):
+            text += f" (after a 1x1 conv to {model_cfg['bottleneck_channels']} ch)"
     return f"{text}; input {shape}" if shape else text

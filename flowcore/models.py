@@ -11,7 +11,8 @@ so ``z`` has exactly the input's shape, ``z[:, c, h, w]`` is aligned with pixel 
 
 - multi-scale RealNVP: per scale 3 checkerboard couplings, squeeze, 3 channel-wise couplings, factor
   out half the channels; last scale: 4 checkerboard couplings.
-- single-scale RealNVP (horizontal / cycle masks): ``couplings`` spatial couplings, no squeeze.
+- single-scale RealNVP (horizontal / cycle masks, or checkerboard with ``scales`` 1): ``couplings`` spatial
+  couplings, no squeeze.
 - Glow: per scale squeeze, K x [ActNorm, 1x1 conv, affine coupling], split (none after the last).
 """
 
@@ -182,7 +183,7 @@ def _st_net(cfg: FlowConfig, in_ch: int, out_ch: int, spatial: tuple[int, int]) 
         return GlowST(in_ch, out_ch, cfg.hidden)
     if cfg.net == "highway":
         return HighwayST(in_ch, out_ch, cfg.hidden, cfg.blocks)
-    return ResNetST(in_ch, out_ch, cfg.hidden, cfg.blocks, cfg.bottleneck, spatial)
+    return ResNetST(in_ch, out_ch, cfg.hidden, cfg.blocks, cfg.bottleneck, spatial, cfg.bottleneck_channels)
 
 
 def _spatial_coupling(cfg: FlowConfig, mask: str, index: int, c: int, h: int, w: int, scale: str) -> AffineCoupling:
@@ -221,7 +222,7 @@ def build(config: FlowConfig | dict) -> ImageFlow | TabularFlow:
     c, h, w = cfg.image_shape
     if cfg.arch == "glow":
         body = _glow_scale(cfg, c, h, w, 0)
-    elif cfg.mask == "checkerboard":
+    elif cfg.mask == "checkerboard" and cfg.scales > 1:
         body = _realnvp_scale(cfg, c, h, w, 0)
     else:
         couplings = [_spatial_coupling(cfg, cfg.mask, i, c, h, w, "tanh") for i in range(cfg.couplings)]

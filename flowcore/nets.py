@@ -37,18 +37,24 @@ class ResidualBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """Flatten -> Linear(l) -> Linear(back) -> reshape: all information passes through ``l`` numbers."""
+    """Flatten -> Linear(l) -> Linear(back) -> reshape: all information passes through ``l`` numbers.
 
-    def __init__(self, width: int, height: int, breadth: int, size: int) -> None:
+    With ``channels`` k, a 1x1 convolution first reduces the feature map to k channels (and another restores
+    it): the dense layers then hold ``2 l k H W`` weights instead of ``2 l width H W``, so l = 100 fits a
+    checkpoint of a few MB. The paper's bottleneck is the dense one (``channels`` None)."""
+
+    def __init__(self, width: int, height: int, breadth: int, size: int, channels: int | None = None) -> None:
         super().__init__()
-        self.shape = (width, height, breadth)
-        flat = width * height * breadth
-        self.down = nn.Linear(flat, size)
-        self.up = nn.Linear(size, flat)
+        inner = channels or width
+        self.shape = (inner, height, breadth)
+        self.reduce = nn.Conv2d(width, inner, 1) if channels else nn.Identity()
+        self.down = nn.Linear(inner * height * breadth, size)
+        self.up = nn.Linear(size, inner * height * breadth)
+        self.restore = nn.Conv2d(inner, width, 1) if channels else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        h = self.up(self.down(x.flatten(1)))
-        return h.view(x.shape[0], *self.shape)
+        h = self.up(self.down(self.reduce(x).flatten(1)))
+        return self.restore(h.view(x.shape[0], *self.shape))
 
 
 class ResNetST(nn.Module):
@@ -62,16 +68,17 @@ class ResNetST(nn.Module):
         blocks: int,
         bottleneck: int | None = None,
         spatial: tuple[int, int] | None = None,
+        bottleneck_channels: int | None = None,
     ) -> None:
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_channels, hidden, 3, padding=1)]
         half = blocks // 2
         for i in range(blocks):
             if bottleneck and i == half:
-                layers.append(Bottleneck(hidden, spatial[0], spatial[1], bottleneck))
+                layers.append(Bottleneck(hidden, spatial[0], spatial[1], bottleneck, bottleneck_channels))
             layers.append(ResidualBlock(hidden))
         if bottleneck and blocks == 0:
-            layers.append(Bottleneck(hidden, spatial[0], spatial[1], bottleneck))
+            layers.append(Bottleneck(hidden, spatial[0], spatial[1], bottleneck, bottleneck_channels))
         layers += [nn.BatchNorm2d(hidden), nn.ReLU(), _zero(nn.Conv2d(hidden, 2 * out_channels, 3, padding=1))]
         self.layers = nn.Sequential(*layers)
 

@@ -23,7 +23,10 @@ MODEL_CONFIGS = {
     "realnvp_rgb": dict(arch="realnvp", image_shape=[3, 4, 4], scales=2, **TINY),
     "realnvp_horizontal": dict(arch="realnvp", image_shape=[1, 4, 4], mask="horizontal", couplings=4, **TINY),
     "realnvp_cycle": dict(arch="realnvp", image_shape=[3, 4, 4], mask="cycle", couplings=4, **TINY),
+    "realnvp_checkerboard_single": dict(arch="realnvp", image_shape=[1, 4, 4], scales=1, couplings=4, **TINY),
     "realnvp_bottleneck": dict(arch="realnvp", image_shape=[1, 4, 4], scales=2, bottleneck=3, hidden=4, blocks=2),
+    "realnvp_bottleneck_conv": dict(arch="realnvp", image_shape=[1, 4, 4], scales=2, bottleneck=3,
+                                    bottleneck_channels=1, hidden=4, blocks=2),
     "glow_gray": dict(arch="glow", image_shape=[1, 4, 4], scales=2, steps=2, hidden=4),
     "glow_rgb": dict(arch="glow", image_shape=[3, 4, 4], scales=2, steps=2, hidden=4),
     "glow_highway": dict(arch="glow", image_shape=[1, 4, 4], scales=2, steps=2, hidden=4, net="highway", blocks=3),
@@ -175,7 +178,34 @@ def test_cycle_mask_routes_one_quadrant_per_layer():
         assert bool(reaches_self) == (n == 4), n
 
 
-@pytest.mark.parametrize("key", ["realnvp_gray", "realnvp_rgb", "realnvp_horizontal", "realnvp_cycle"])
+def test_single_scale_checkerboard_is_the_same_size_control_of_the_other_masks():
+    from flowcore.models import count_parameters
+
+    sizes = {}
+    for mask in ("checkerboard", "horizontal", "cycle"):
+        model = flowcore.build(dict(arch="realnvp", image_shape=[1, 8, 8], scales=1, mask=mask, couplings=6, **TINY))
+        couplings = [m for m in model.modules() if isinstance(m, AffineCoupling)]
+        assert len(couplings) == 6 and all(c.mask == mask for c in couplings), mask
+        sizes[mask] = count_parameters(model)
+    assert len(set(sizes.values())) == 1, sizes
+
+
+def test_channel_reduced_bottleneck_passes_everything_through_l_numbers():
+    from flowcore.nets import Bottleneck
+
+    neck = Bottleneck(8, 5, 5, 3, channels=2)
+    x = torch.randn(4, 8, 5, 5)
+    assert neck(x).shape == x.shape
+    # rank of the map <= l: the outputs of many inputs span at most l (+1 for the bias) dimensions
+    with torch.no_grad():
+        out = neck(torch.randn(64, 8, 5, 5)).flatten(1)
+    assert torch.linalg.matrix_rank(out - out.mean(0)) <= 3
+    small = sum(p.numel() for p in neck.parameters())
+    assert small < sum(p.numel() for p in Bottleneck(8, 5, 5, 3).parameters()) / 3
+
+
+@pytest.mark.parametrize("key", ["realnvp_gray", "realnvp_rgb", "realnvp_horizontal", "realnvp_cycle",
+                                 "realnvp_checkerboard_single"])
 def test_identity_initialised_model_aligns_latents_with_pixels(key):
     cfg = dict(MODEL_CONFIGS[key])
     cfg["image_shape"] = [cfg["image_shape"][0], 8, 8]
