@@ -349,3 +349,19 @@ def test_negative_term_is_eq_7_normalised_by_the_points_above_the_threshold():
     assert log_q.grad.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 0.0])
     none_active = negative_term(torch.tensor([-500.0, -600.0]), threshold=-100.0)
     assert none_active.item() == 0.0  # guarded: no division by zero when every OOD point is below c
+
+
+def test_negative_term_equals_a_direct_transcription_of_eq_7():
+    """Eq. 7's OOD part, written out term by term: (1 / N_OOD) sum_i log p(x_i) I[log p(x_i) > c], with N_OOD the
+    count of points strictly above c; a point exactly at c is not counted (the indicator is strict)."""
+    from flowcore.train import negative_term
+
+    def transcribed(values: list[float], c: float) -> float:
+        active = [v for v in values if v > c]
+        return sum(active) / len(active) if active else 0.0
+
+    c = -30000.0
+    batches = [[-29000.0, -30000.0, -31000.0, -12000.5], [-30000.0, -30000.0], [-40000.0], [-1.0, -2.0, -3.0]]
+    for values in batches:
+        got = negative_term(torch.tensor(values, dtype=torch.float64), c).item()
+        assert got == pytest.approx(transcribed(values, c)), values
