@@ -14,12 +14,9 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from flowcore.checkpoints import CheckpointError, checkpoints_dir, list_checkpoints, read_config
 from flowcore.config import describe_architecture
 from flowcore.evaluate import auroc_table, load_reference
-from flowcore.likelihood import nats_to_bpd
 from flowcore.models import build, count_parameters
 from flowcore.scores import SCORE_DESCRIPTIONS
 
@@ -38,6 +35,9 @@ PAPER = {
     ("glow", "celeba32"): {"cifar10": 69.1, "svhn": 6.4},
 }
 
+# Paper Table 2(a) (AUROC %, RealNVP on EfficientNet image embeddings): train -> {ood: value}
+PAPER_FEATURES = {"celeba32": {"cifar10": 99.99, "svhn": 99.99}, "cifar10": {"celeba32": 99.99, "svhn": 73.31}}
+
 
 def _params(name: str) -> int:
     import flowcore
@@ -48,19 +48,14 @@ def _params(name: str) -> int:
 def _is_baseline(cfg: dict) -> bool:
     """A plain model of the paper's Table 1 (no App. B/I change, no background noise)."""
     m, t = cfg["model"], cfg.get("training", {})
-    variant = m.get("mask", "checkerboard") != "checkerboard" or m.get("bottleneck") or t.get("negative")
+    variant = (m.get("mask", "checkerboard") != "checkerboard" or m.get("scales") == 1 or m.get("bottleneck")
+               or t.get("negative") or cfg.get("features"))
     return not (variant or t.get("pixel_noise_mu") or t.get("init_from"))
 
 
 def _target_dataset(cfg: dict) -> str | None:
     """The dataset whose quality target a checkpoint counts for (None: a variant, not comparable)."""
     return cfg.get("dataset") if _is_baseline(cfg) else None
-
-
-def _mean_bpd(name: str, split: str) -> float:
-    """Mean bits/dim of a stored reference split (``test`` or an OOD set's name)."""
-    dims = int(np.prod(read_config(name)["model"]["image_shape"]))
-    return float(np.mean(nats_to_bpd(load_reference(name)[f"{split}__likelihood"], dims)))
 
 
 # The issue's test bits/dim targets: (data, dataset name, target, best published / the paper's code)
@@ -135,13 +130,27 @@ def checkpoint_section(name: str) -> tuple[str, str]:
                 f"- That was an earlier state of `{p['checkpoint']}`: the shipped one has since trained on to "
                 f"{now.get('epochs_completed', '?')} epochs ({now.get('cpu_minutes', '?')} min)"
             )
-    if m.get("bottleneck"):
+    if m.get("bottleneck") and m.get("bottleneck_channels"):
+        paper_mb = count_parameters(build({**m, "bottleneck_channels": None})) * 4 / 1e6
+        lines.append(
+            f"- Bottleneck unlike the paper's: a 1x1 convolution first reduces the {m['hidden']}-channel feature map"
+            f" to {m['bottleneck_channels']} channels, then the dense layers pass it through l = {m['bottleneck']}"
+            f" numbers (the paper's dense layer reads the whole map: {paper_mb:.1f} MB of float32 weights at this"
+            " size, over the 15 MB budget for the wider l). Every bit of the st-net's input still passes through"
+            " l numbers"
+        )
+    elif m.get("bottleneck"):
         wider_mb = [count_parameters(build({**m, "bottleneck": w})) * 4 / 1e6 for w in (50, 100)]
         lines.append(
-            "- The paper's wider bottlenecks (Fig. 16) are not shipped: at this size l = 50 and l = 100 would take "
-            + " and ".join(f"{mb:.1f} MB" for mb in wider_mb)
-            + " of float32 weights (the bottleneck is dense over the whole feature map), over the 15 MB per-checkpoint"
-            " budget"
+            "- The paper's wider bottlenecks (Fig. 16) at this size, dense over the whole feature map: l = 50 and"
+            " l = 100 would take " + " and ".join(f"{mb:.1f} MB" for mb in wider_mb)
+            + " of float32 weights, over the 15 MB per-checkpoint budget"
+        )
+    if cfg.get("features"):
+        lines.append(
+            "- Features: EfficientNet-Lite0 (ImageNet-trained, 1280-d pooled features of each image resized to"
+            " 224x224); the paper used EfficientNet features of 1792 dimensions (B4). The standardisation of the"
+            " features is the flow's first layer, so the checkpoint takes the extractor's raw output"
         )
     if m["arch"] == "glow" and m["image_shape"][0] == 1 and m.get("net") != "highway":
         from flowcore.train import load_train_config
@@ -179,30 +188,43 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         lines += ["- Not evaluated yet (`flowcore evaluate " + name + "`).", ""]
         text = "\n".join(lines)
         return text, text
-    target = next((t for _, d, t, _ in TARGETS if d == _target_dataset(cfg)), None)
-    against = ""
-    if target is not None:
-        against = f"; quality target <= {target}: {'met' if ref['bpd_mean'] <= target else 'not met'}"
-    lines.append(
-        f"- Test bits/dim: mean **{ref['bpd_mean']:.3f}**, median {ref['bpd_median']:.3f} "
-        f"({ref['counts'].get('test')} test images, {ref['n_draws']} dequantization draw(s)){against}"
-    )
+    if cfg.get("features"):
+        lines.append(
+            f"- Test negative log-likelihood: mean **{ref['nll_per_feature_mean']:.4f}**, median"
+            f" {ref['nll_per_feature_median']:.4f} nats per feature ({ref['counts'].get('test')} test images; a"
+            " continuous density of the features, so no bits/dim)"
+        )
+    else:
+        lines.append(_bpd_line(cfg, ref))
     table = auroc_table(load_reference(name))
     sets = sorted({s for row in table.values() for s in row})
-    paper = PAPER.get((m["arch"], cfg.get("dataset")), {})
+    if cfg.get("features"):
+        paper, label = PAPER_FEATURES.get(cfg.get("dataset"), {}), "paper Table 2a (likelihood)"
+    else:
+        paper = PAPER.get((m["arch"], cfg.get("dataset")), {})
+        label = "paper Table 1 (likelihood)" if _is_baseline(cfg) else "paper Table 1, baseline model (likelihood)"
     lines += ["", "AUROC % (in-distribution positive; higher = better separation):", ""]
     lines.append("| score | " + " | ".join(sets) + " |")
     lines.append("|---|" + "---|" * len(sets))
     if paper:
-        label = "paper Table 1 (likelihood)" if _is_baseline(cfg) else "paper Table 1, baseline model (likelihood)"
-        lines.append(f"| {label} | " + " | ".join(
-            str(paper[s]) if s in paper else "–" for s in sets) + " |")
+        lines.append(f"| {label} | " + " | ".join(str(paper[s]) if s in paper else "–" for s in sets) + " |")
     for score, row in table.items():
         lines.append(f"| {score} | " + " | ".join(_fmt(row.get(s)) for s in sets) + " |")
     lines += ["", f"![histogram](../checkpoints/{name}/histogram.png)", ""]
     section = "\n".join(lines)
     card = section.replace("../checkpoints/" + name + "/", "")
     return section, card
+
+
+def _bpd_line(cfg: dict, ref: dict) -> str:
+    target = next((t for _, d, t, _ in TARGETS if d == _target_dataset(cfg)), None)
+    against = ""
+    if target is not None:
+        against = f"; quality target <= {target}: {'met' if ref['bpd_mean'] <= target else 'not met'}"
+    return (
+        f"- Test bits/dim: mean **{ref['bpd_mean']:.3f}**, median {ref['bpd_median']:.3f} "
+        f"({ref['counts'].get('test')} test images, {ref['n_draws']} dequantization draw(s)){against}"
+    )
 
 
 README = ROOT / "README.md"
@@ -257,22 +279,66 @@ def table1(shipped: set[str]) -> list[str]:
 # or ">"), (control,): above the control checkpoint on the same OOD set, (control, "not above"): not above it,
 # or None: report only.
 CLAIMS = [
-    ("Sec. 7: horizontal mask, Fashion-MNIST -> MNIST", "fails like the baseline (Fig. 15b)",
+    ("Sec. 7 (Fig. 15): single-scale checkerboard mask, Fashion-MNIST -> MNIST", "fails (Fig. 15a)",
+     [("fashion_realnvp_checkerboard", "mnist")], "<"),
+    ("Sec. 7 (Fig. 15): horizontal mask, Fashion-MNIST -> MNIST", "fails like the checkerboard (Fig. 15b)",
      [("fashion_realnvp_horizontal", "mnist")], "<"),
-    ("Sec. 7: cycle mask raises Fashion-MNIST -> MNIST above the same flow with a horizontal mask",
-     "higher than the baseline (Fig. 15c)", [("fashion_realnvp_cycle", "mnist")], ("fashion_realnvp_horizontal",)),
-    ("Sec. 7: st-net bottleneck l = 10 raises Fashion-MNIST -> MNIST above `fashion_realnvp`",
-     "higher than the baseline (Fig. 16)", [("fashion_realnvp_bottleneck", "mnist")], ("fashion_realnvp",)),
-    ("App. B: negative training (Fashion up, MNIST down) separates the pair", "clear separation (Fig. 7e)",
-     [("fashion_realnvp_negative", "mnist")], ">"),
-    ("App. B: ... but not a third set: notMNIST no better than under `fashion_realnvp`",
-     "the third OOD set in each panel stays likely (App. B, Fig. 7)", [("fashion_realnvp_negative", "notmnist")],
-     ("fashion_realnvp", "not above")),
-    ("App. B: negative training (MNIST up, Fashion down) separates the pair", "clear separation (Fig. 7f)",
-     [("mnist_realnvp_negative", "fashion_mnist")], ">"),
-    ("App. B: ... and the third set (notMNIST), against `mnist_realnvp`", "the third OOD set stays likely",
-     [("mnist_realnvp_negative", "notmnist")], None),
+    ("Sec. 7 (Fig. 15): cycle mask raises Fashion-MNIST -> MNIST above the same-size checkerboard flow",
+     "higher than the checkerboard (Fig. 15c)", [("fashion_realnvp_cycle", "mnist")],
+     ("fashion_realnvp_checkerboard",)),
+    ("Sec. 7 (Fig. 15): ... and above the same-size horizontal-mask flow", "higher than horizontal (Fig. 15c)",
+     [("fashion_realnvp_cycle", "mnist")], ("fashion_realnvp_horizontal",)),
+    *[(f"Sec. 7 (Fig. 16): st-net bottleneck l = {width} raises Fashion-MNIST -> MNIST above the same flow "
+       "without it", "higher than the baseline (Fig. 16)", [(f"fashion_realnvp_bottleneck{width}", "mnist")],
+       ("fashion_realnvp_bottleneck_control",)) for width in (10, 50, 100)],
+    ("App. B (Fig. 7e): negative training by eq. 7 (Fashion up, MNIST down) separates the pair",
+     "clear separation", [("fashion_realnvp_negative", "mnist")], ">"),
+    ("App. B (Fig. 7e): ... beyond the same fine-tune without the OOD term", "clear separation",
+     [("fashion_realnvp_negative", "mnist")], ("fashion_realnvp_finetune",)),
+    ("App. B (Fig. 7e): ... but not the third set: notMNIST no better than under the fine-tune control",
+     "minimising one OOD set does not push the others down (the panel's third set stays as likely)",
+     [("fashion_realnvp_negative", "notmnist")], ("fashion_realnvp_finetune", "not above")),
+    ("App. B (Fig. 7f): negative training by eq. 7 (MNIST up, Fashion down) separates the pair",
+     "clear separation", [("mnist_realnvp_negative", "fashion_mnist")], ">"),
+    ("App. B (Fig. 7f): ... beyond the same fine-tune without the OOD term", "clear separation",
+     [("mnist_realnvp_negative", "fashion_mnist")], ("mnist_realnvp_finetune",)),
+    ("App. B (Fig. 7f): ... and the third set (notMNIST), beside the fine-tune control",
+     "minimising one OOD set does not push the others down", [("mnist_realnvp_negative", "notmnist")],
+     ("mnist_realnvp_finetune", "not above")),
 ]
+
+
+def _budget(name: str, shipped: set[str]) -> str:
+    """``N CPU min, E epochs`` of a shipped checkpoint's own training (fine-tunes: the fine-tune's)."""
+    if name not in shipped:
+        return "not shipped"
+    t = read_config(name).get("training", {})
+    return f"{t.get('cpu_minutes', '?')} CPU min, {t.get('epochs_completed', '?')} epochs"
+
+
+def table2a(shipped: set[str]) -> list[str]:
+    """Table 2(a): each flow on features against each OOD set it was evaluated on, and the paper's SVHN cells."""
+    rows = ["| train -> OOD | paper | ours | ours - paper (points) | agrees |", "|---|---|---|---|---|"]
+    for train, cells in PAPER_FEATURES.items():
+        name = f"{PREFIX[train]}_embeddings"
+        measured = (read_config(name).get("reference") or {}).get("auroc", {}).get("likelihood", {}) \
+            if name in shipped else {}
+        for ood in dict.fromkeys([*cells, *measured]):
+            paper = cells.get(ood)
+            where = f"| {LABEL[train]} -> {LABEL.get(ood, ood)} | {paper if paper is not None else '–'} |"
+            if ood == "svhn":
+                rows.append(f"{where} – | | no SVHN copy here |")
+            elif ood not in measured:
+                why = "not evaluated on this set" if name in shipped else "not shipped yet"
+                rows.append(f"{where} – (`{name}`) | | {why} |")
+            elif paper is None:
+                rows.append(f"{where} {100 * measured[ood]:.1f} (`{name}`) | | not in the paper |")
+            else:
+                ours = 100 * measured[ood]
+                verdict = agreement(round(ours, 1), paper)
+                rows.append(f"{where} {ours:.1f} (`{name}`) | {ours - paper:+.1f} | "
+                            f"{verdict if verdict == 'yes' else f'**{verdict}**'} |")
+    return rows
 
 
 def _likelihood_auroc(name: str, ood: str, shipped: set[str]) -> float | None:
@@ -289,7 +355,7 @@ def findings_table(shipped: set[str]) -> list[str]:
         if all(v is None for _, _, v in vals):
             rows.append(f"| {claim} | {paper} | not shipped yet (`{pairs[0][0]}`) | |")
             continue
-        measured = "; ".join(f"`{n}` vs {o}: {_fmt(v)}" for n, o, v in vals)
+        measured = "; ".join(f"`{n}` vs {o}: {_fmt(v)} ({_budget(n, shipped)})" for n, o, v in vals)
         if side is None:
             verdict = "–"
         elif isinstance(side, tuple):
@@ -299,7 +365,8 @@ def findings_table(shipped: set[str]) -> list[str]:
             else:
                 above = [v is not None and v > c for (_, _, v), c in zip(vals, control, strict=True)]
                 ok = not any(above) if side[1:] == ("not above",) else all(above)
-                measured += f" (control `{side[0]}`: " + ", ".join(_fmt(c) for c in control) + ")"
+                measured += (f"; control `{side[0]}`: " + ", ".join(_fmt(c) for c in control)
+                             + f" ({_budget(side[0], shipped)})")
                 verdict = "yes" if ok else "**no**"
         else:
             ok = all(v is not None and ((v < 0.5) if side == "<" else (v > 0.5)) for _, _, v in vals)
@@ -348,16 +415,26 @@ def render() -> tuple[str, dict[str, str]]:
             if others:
                 k = max(others, key=others.get)
                 best.append(f"{s}: {k} {_fmt(others[k])}")
-        head.append(f"| `{name}` | {ref['bpd_mean']:.3f} / {ref['bpd_median']:.3f} | {like} | {'; '.join(best)} |")
+        quality = (f"{ref['bpd_mean']:.3f} / {ref['bpd_median']:.3f}" if "bpd_mean" in ref else
+                   "– (a flow on features: see its card)")
+        head.append(f"| `{name}` | {quality} | {like} | {'; '.join(best)} |")
     claims = ["", "## Table 1, cell by cell", "",
               "Likelihood AUROC % of each Table 1 model we train, beside the paper's. " + AGREEMENT_RULE,
               "Our models are far smaller and trained far shorter than the paper's (see the quality targets).",
               ""] + table1(set(names))
+    claims += ["", "## Table 2a, cell by cell: flows on image features (Sec. 8)", "",
+               "Likelihood AUROC % of a RealNVP on EfficientNet-Lite0 features of the training images, beside the",
+               "paper's (EfficientNet-B4 features), by the same rule; the pixel flows on the same data are in",
+               "Table 1 above. Rows without a paper value are our extra OOD sets.", ""] + table2a(set(names))
     claims += ["", "## The paper's other findings, measured", "",
                "Sec. 7 and App. B state directions, not numbers: each row compares with the 50 % line or with a",
-               "control checkpoint. The Sec. 7 variants are smaller and trained for less than `fashion_realnvp`",
-               "(see their cards): `fashion_realnvp_horizontal` and `fashion_realnvp_cycle` share one architecture",
-               "and budget and differ only in the mask, so compare them with each other.",
+               "control checkpoint, and gives each model's own budget. The Sec. 7 variants are smaller and trained",
+               "for less than `fashion_realnvp`; each is compared with a control of the same size and budget: the",
+               "three single-scale masks share one architecture and budget, each bottleneck width has a control",
+               "without the bottleneck trained for the same minutes, and each negative-training fine-tune has a",
+               "control fine-tuned from the same parent for the same steps without the OOD term. App. B says every",
+               "panel of Fig. 7 shows a third OOD set, and that pushing one OOD set down does not push the others",
+               "down (CIFAR-10 vs CelebA leaves SVHN as likely as CIFAR-10).",
                ""] + findings_table(set(names))
     quality = ["", "## Quality targets (test bits/dim)", "",
                "Lower is better. Ours are small models trained for at most a few hours on one CPU thread each;",
@@ -379,7 +456,9 @@ def summary_table(text: str) -> str:
     return (
         f"{_table_after(text, 'Summary')}\n\nQuality targets (test bits/dim):\n\n"
         f"{_table_after(text, 'Quality targets (test bits/dim)')}\n\nTable 1, cell by cell. {AGREEMENT_RULE}"
-        f"\n\n{_table_after(text, 'Table 1, cell by cell')}\n\nThe paper's other findings, measured:\n\n"
+        f"\n\n{_table_after(text, 'Table 1, cell by cell')}\n\nTable 2a, flows on image features (Sec. 8):\n\n"
+        f"{_table_after(text, 'Table 2a, cell by cell: flows on image features (Sec. 8)')}"
+        f"\n\nThe paper's other findings, measured:\n\n"
         f"{_table_after(text, other)}"
     )
 
