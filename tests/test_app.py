@@ -535,6 +535,7 @@ def test_tour_walks_every_step_with_measured_sentences(env: tuple[Path, Path]) -
     assert at.button(key="tour_next").disabled
     assert "Measured" in seen[1] and "Measured" in seen[2] and "Measured here" in seen[3]
     assert "AUROC" in seen[5]
+    assert "no such flow with reference statistics is installed here" in seen[6]  # the tiny zoo has none
     at.button(key="tour_back").click().run()
     assert at.subheader[0].value == tour.STEPS[-2][0]
 
@@ -644,3 +645,16 @@ def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: 
     for name in EXAMPLE_SETS:
         flagged = int((image_log_likelihood(model, load_examples(name)) < threshold).sum())
         assert examples.loc[name, "flagged OOD (features)"] == flagged, name
+
+
+def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_env: tuple[Path, Path]) -> None:
+    from app.views import tour
+
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "tour.py"), default_timeout=TIMEOUT)
+    at.session_state[tour.STEP_KEY] = len(tour.STEPS) - 1
+    at.run()
+    assert not at.exception, at.exception
+    text = "\n".join(m.value for m in at.markdown)
+    ckpts, _ = feature_env
+    ours = json.loads((ckpts / "rgb_embeddings" / "config.json").read_text())["reference"]["auroc"]["likelihood"]
+    assert f"mnist ({100 * ours['mnist']:.1f} %)" in text and "`rgb_realnvp` mnist" in text

@@ -12,14 +12,16 @@ from app import figures, measure, state
 
 STEP_KEY = "tour_step"
 TOUR_MODEL = "fashion_realnvp"  # the default model; the tour uses the one in the sidebar if it is absent
-# The Sec. 7 and App. B variants of the default model, with what each changes (step 5).
-VARIANTS = {
-    "fashion_realnvp": "baseline (checkerboard masks, multi-scale)",
-    "fashion_realnvp_horizontal": "single scale, horizontal masks (Fig. 15b)",
-    "fashion_realnvp_cycle": "single scale, cycle masks (Fig. 15c)",
-    "fashion_realnvp_bottleneck": "st-net bottleneck l = 10 (Fig. 16)",
-    "fashion_realnvp_negative": "negative training, MNIST pushed down (App. B)",
-}
+# The Sec. 7 and App. B variants of the default model (step 5): (variant, its control of the same size and
+# budget, what the variant changes).
+VARIANTS = [
+    ("fashion_realnvp_horizontal", "fashion_realnvp_checkerboard", "horizontal masks, single scale (Fig. 15b)"),
+    ("fashion_realnvp_cycle", "fashion_realnvp_checkerboard", "cycle masks, single scale (Fig. 15c)"),
+    ("fashion_realnvp_bottleneck10", "fashion_realnvp_bottleneck_control", "st-net bottleneck l = 10 (Fig. 16)"),
+    ("fashion_realnvp_bottleneck50", "fashion_realnvp_bottleneck_control", "st-net bottleneck l = 50 (Fig. 16)"),
+    ("fashion_realnvp_bottleneck100", "fashion_realnvp_bottleneck_control", "st-net bottleneck l = 100 (Fig. 16)"),
+    ("fashion_realnvp_negative", "fashion_realnvp_finetune", "negative training by eq. 7, MNIST pushed down (App. B)"),
+]
 
 
 def tour_model() -> str:
@@ -66,23 +68,26 @@ def step_resampling(name: str, image: np.ndarray) -> None:
 
 def step_changes(name: str, image: np.ndarray) -> None:
     ood = _ood_set(name)
+    options = set(state.checkpoint_options())
     rows = []
-    for variant, what in VARIANTS.items():
-        if variant not in state.checkpoint_options():
+    for variant, control, what in VARIANTS:
+        if variant not in options or control not in options:
             continue
-        auroc = ((state.config(variant).get("reference") or {}).get("auroc") or {}).get("likelihood", {})
-        if ood in auroc:
-            column = f"likelihood AUROC vs {ood} (%)"
-            rows.append({"model": variant, "change": what, column: round(100 * auroc[ood], 1)})
-    if len(rows) < 2:
-        st.markdown("What changes the failure? The shipped Sec. 7 / App. B variants are not installed here.")
+        ours, theirs = measure.likelihood_aurocs(variant).get(ood), measure.likelihood_aurocs(control).get(ood)
+        if ours is not None and theirs is not None:
+            rows.append({"model": variant, "change": what, "AUROC (%)": round(100 * ours, 1), "control": control,
+                         "control AUROC (%)": round(100 * theirs, 1)})
+    if not rows:
+        st.markdown("What changes the failure? The shipped Sec. 7 / App. B variants and their controls are not "
+                    "installed here.")
         return
-    base = rows[0][f"likelihood AUROC vs {ood} (%)"]
-    better = [r["model"] for r in rows[1:] if r[f"likelihood AUROC vs {ood} (%)"] > base]
+    better = [r["model"] for r in rows if r["AUROC (%)"] > r["control AUROC (%)"]]
     st.markdown(
-        f"What changes the failure? Against the baseline's {base:.1f} %, "
-        + (f"{', '.join(f'`{m}`' for m in better)} rank {ood} lower (higher AUROC)" if better else "no variant helps")
-        + ". Their sizes and budgets differ (see each card): compare horizontal with cycle, which share both."
+        f"What changes the failure? Each variant beside its control (same size, same CPU minutes), likelihood "
+        f"AUROC against {ood}: "
+        + (f"{', '.join(f'`{m}`' for m in better)} rank {ood} lower than their controls"
+           if better else "no variant ranks it lower than its control")
+        + f" ({len(better)} of {len(rows)})."
     )
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="tour_variants")
 
@@ -99,10 +104,26 @@ def step_scores(name: str, image: np.ndarray) -> None:
         f"What works instead? Scores that correct for what the flow really measures: here `{best['score']}` "
         f"separates {ood} with AUROC {100 * best[ood]:.1f} %"
         + (f", against {100 * like:.1f} % for the likelihood itself." if like is not None else ".")
-        + " The paper's positive answer (Sec. 8) is a flow on features of a pretrained classifier."
     )
     df = pd.DataFrame([{"score": r["score"], f"AUROC vs {ood} (%)": round(100 * r[ood], 1)} for r in table])
     st.dataframe(df, hide_index=True, key="tour_scores")
+
+
+def step_features(name: str, image: np.ndarray) -> None:
+    flows = [f for f in state.feature_checkpoints() if measure.likelihood_aurocs(f)]
+    if not flows:
+        st.markdown("The paper's positive answer (Sec. 8) is a flow on the features of an ImageNet-trained "
+                    "classifier; no such flow with reference statistics is installed here.")
+        return
+    st.markdown("The paper's positive answer (Sec. 8): the same kind of flow, trained on the features an "
+                "ImageNet classifier computes for each image rather than on its pixels.")
+    for flow in flows:
+        pixels = state.pixel_counterparts(flow)
+        st.markdown(measure.features_finding(flow, pixels))
+        rows = {f"{flow} (features)": measure.likelihood_aurocs(flow),
+                **{f"{p} (pixels)": measure.likelihood_aurocs(p) for p in pixels}}
+        st.dataframe((pd.DataFrame(rows) * 100).round(1), key=f"tour_features_{flow}")
+    st.page_link("views/features.py", label="Score your own images with both", icon=":material/verified:")
 
 
 STEPS: list[tuple[str, Callable[[str, np.ndarray], None]]] = [
@@ -111,7 +132,8 @@ STEPS: list[tuple[str, Callable[[str, np.ndarray], None]]] = [
     ("3. Each latent depends on a neighbourhood (Fig. 12)", step_locality),
     ("4. Latents store local, not global, information (Fig. 17)", step_resampling),
     ("5. What changes it: masks, bottleneck, negative training (Sec. 7, App. B)", step_changes),
-    ("6. What works: other scores (and Sec. 8)", step_scores),
+    ("6. What helps: scores that correct the likelihood", step_scores),
+    ("7. What works: a flow on features (Sec. 8)", step_features),
 ]
 
 
