@@ -63,14 +63,23 @@ ZOO_TOUR = {
     "fashion_glow": "the same failure in a Glow: it is not specific to one architecture (Table 1).",
     "mnist_realnvp": "the other direction: trained on MNIST, it does separate Fashion-MNIST and notMNIST.",
     "mnist_glow": "the same direction in a Glow, for the Glow column of Table 1.",
+    "fashion_realnvp_checkerboard": "single scale, checkerboard masks: the same-size control of the horizontal"
+    " and cycle models (Fig. 15), trained for the same minutes.",
     "fashion_realnvp_horizontal": "horizontal masks (App. G): same failure; the coupling views are easy to read.",
-    "fashion_realnvp_cycle": "cycle-mask (App. I, Sec. 7): pixels cannot see their neighbours, so MNIST is less"
-    " favoured; compare it with the horizontal one, which has the same size and budget.",
-    "fashion_realnvp_bottleneck": "every st-net squeezed through a dense layer of 10 units (Sec. 7):"
-    " less room for generic pixel prediction.",
-    "fashion_realnvp_negative": "negative training (App. B): MNIST was pushed down in training and is now"
-    " separated; compare notMNIST, which it never saw (docs/results.md has the numbers).",
+    "fashion_realnvp_cycle": "cycle-mask (App. I, Sec. 7): pixels cannot see their neighbours; compare it with the"
+    " checkerboard and horizontal ones, which have the same size and budget.",
+    "fashion_realnvp_bottleneck10": "every st-net squeezed through 10 numbers (Sec. 7, Fig. 16): less room for"
+    " generic pixel prediction; compare it with fashion_realnvp_bottleneck_control.",
+    "fashion_realnvp_bottleneck50": "the same with a bottleneck of 50 numbers.",
+    "fashion_realnvp_bottleneck100": "the same with a bottleneck of 100 numbers.",
+    "fashion_realnvp_bottleneck_control": "the bottleneck models' control: same st-nets without the bottleneck,"
+    " trained for the same minutes.",
+    "fashion_realnvp_negative": "negative training by eq. 7 (App. B): MNIST was pushed down in training; compare"
+    " notMNIST, which it never saw, and the control fashion_realnvp_finetune (docs/results.md has the numbers).",
+    "fashion_realnvp_finetune": "the negative model's control: the same fine-tune of fashion_realnvp without the"
+    " OOD term.",
     "mnist_realnvp_negative": "negative training the other way: Fashion-MNIST pushed down under an MNIST model.",
+    "mnist_realnvp_finetune": "its control: the same fine-tune of mnist_realnvp without the OOD term.",
     "fashion_realnvp_background": "a background model trained on noised images, for the likelihood-ratio score.",
     "cifar10_realnvp": "RGB 32x32, trained on exact CIFAR-10: Table 1's CIFAR-10 row (CelebA, and the grayscale"
     " sets under the cross-domain rule); its card has the numbers.",
