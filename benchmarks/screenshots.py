@@ -6,7 +6,7 @@ Usage::
     python benchmarks/screenshots.py --checkpoint mnist_realnvp    # a name in the checkpoints folder, or a path
     python benchmarks/screenshots.py --image a.png --image b.jpg   # upload these instead of the examples
 
-Starts ``streamlit run app/Home.py`` on a free port (the checkpoint preselected through
+Starts ``streamlit run flowcore/dashboard/Home.py`` on a free port (the checkpoint preselected through
 ``FLOWCORE_DEFAULT_CHECKPOINT``), uploads the first Fashion-MNIST and the first MNIST test image (as PNG,
 from ``$FLOWCORE_DATA_DIR``; a generated photo when neither is there), visits every page through the
 sidebar and saves a full-page screenshot of each to ``docs/screenshots/<page>.png`` (``--out``).
@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
-HOME = ROOT / "app" / "Home.py"
+HOME = ROOT / "flowcore" / "dashboard" / "Home.py"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -60,7 +60,7 @@ class PageSpec:
     charts: int = 0
 
 
-# Every page of app/Home.py, in sidebar order. ``charts``: plotly charts it shows with an input (tiny model).
+# Every page of the dashboard, in sidebar order. ``charts``: plotly charts it shows with an input (tiny model).
 PAGES = (
     PageSpec("score", "", "Score", 1),
     PageSpec("inputs", "inputs", "Inputs", 0),
@@ -158,7 +158,8 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve(env: dict[str, str | None] | None = None, log: Path | None = None, timeout: float = 90) -> Iterator[str]:
-    """``streamlit run app/Home.py`` on a free local port; yields its URL. ``env``: variables to set (None: unset)."""
+    """The dashboard (``streamlit run``) on a free local port; yields its URL. ``env``: variables to set (None:
+    unset)."""
     environ = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:

@@ -161,7 +161,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    home = Path(__file__).resolve().parent.parent / "app" / "Home.py"
+    home = Path(__file__).resolve().parent / "dashboard" / "Home.py"
     if not home.is_file():
         raise FileNotFoundError(f"the dashboard is not in this installation (looked for {home})")
     env = dict(os.environ)

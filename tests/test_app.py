@@ -30,9 +30,9 @@ pytest.importorskip("plotly")
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from app import figures, state  # noqa: E402
+from flowcore.dashboard import figures, state  # noqa: E402
 
-HOME = ROOT / "app" / "Home.py"
+HOME = ROOT / "flowcore" / "dashboard" / "Home.py"
 TIMEOUT = 60
 TINY = {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 4, "blocks": 1, "scales": 2}
 RGB_TINY = {"arch": "realnvp", "image_shape": [3, 32, 32], "hidden": 4, "blocks": 1, "scales": 3}
@@ -466,7 +466,7 @@ def test_gallery_works_without_data_dir_from_bundled_examples(
     monkeypatch.setenv("FLOWCORE_DEFAULT_CHECKPOINT", "rgb_realnvp")
     assert set(EXAMPLE_SETS) >= {"fashion_mnist", "mnist", "cifar10"}
     assert load_examples("cifar10", (1, 28, 28)).shape == (16, 28, 28)
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "inputs.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "flowcore" / "dashboard" / "views" / "inputs.py"), default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, at.exception
     shown = "\n".join(m.value for m in at.markdown)
@@ -478,7 +478,7 @@ def test_gallery_works_without_data_dir_from_bundled_examples(
 
 
 def test_score_caption_states_this_models_own_aurocs(env: tuple[Path, Path]) -> None:
-    from app.measure import likelihood_finding
+    from flowcore.dashboard.measure import likelihood_finding
 
     row = next(r for r in state.auroc_rows("rgb_realnvp") if r["score"] == "likelihood")
     text = likelihood_finding("rgb_realnvp")
@@ -491,7 +491,7 @@ def test_score_caption_states_this_models_own_aurocs(env: tuple[Path, Path]) -> 
 
 def test_perturbation_sentence_is_measured_on_the_current_model(env: tuple[Path, Path]) -> None:
     import flowcore
-    from app.measure import PROBES, measured_edits
+    from flowcore.dashboard.measure import PROBES, measured_edits
 
     image = (np.random.default_rng(7).random((28, 28)) * 255).astype(np.uint8)
     text = measured_edits("fashion_realnvp", image)
@@ -521,9 +521,9 @@ def test_batchnorm_train_mode_latents_use_a_real_batch(env: tuple[Path, Path]) -
 
 
 def test_tour_walks_every_step_with_measured_sentences(env: tuple[Path, Path]) -> None:
-    from app.views import tour
+    from flowcore.dashboard.views import tour
 
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "tour.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "flowcore" / "dashboard" / "views" / "tour.py"), default_timeout=TIMEOUT)
     at.run()
     seen = []
     for step in range(len(tour.STEPS)):
@@ -563,7 +563,7 @@ def test_unreadable_upload_is_not_offered_as_image_to_inspect(env: tuple[Path, P
 
 
 def test_every_marker_of_a_full_score_page_has_its_own_colour() -> None:
-    from app.views.score import MAX_MARKERS
+    from flowcore.dashboard.views.score import MAX_MARKERS
 
     markers = [(f"img{i}", float(i)) for i in range(MAX_MARKERS + 2)]
     fig = figures.histogram({"test": np.arange(10.0)}, markers)
@@ -648,9 +648,9 @@ def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: 
 
 
 def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_env: tuple[Path, Path]) -> None:
-    from app.views import tour
+    from flowcore.dashboard.views import tour
 
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "tour.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "flowcore" / "dashboard" / "views" / "tour.py"), default_timeout=TIMEOUT)
     at.session_state[tour.STEP_KEY] = len(tour.STEPS) - 1
     at.run()
     assert not at.exception, at.exception

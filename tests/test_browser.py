@@ -1,4 +1,4 @@
-"""End-to-end: ``streamlit run app/Home.py`` driven by Playwright in headless Chromium.
+"""End-to-end: ``streamlit run flowcore/dashboard/Home.py`` driven by Playwright in headless Chromium.
 
 One Streamlit server (on the tiny checkpoint of ``test_app.py``) and one Chromium serve the whole module;
 each test opens its own tabs, each a Streamlit session of its own. The page helpers live in

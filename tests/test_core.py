@@ -396,3 +396,10 @@ def test_no_import_cycle_among_flowcore_modules():
     for module in sorted(graph):
         visit(module, [])
     assert "scoring" not in graph["scores"] and "evaluate" not in graph["scores"]
+    # the library never imports its dashboard (which needs the [app] extra); the dashboard imports the library
+    for path in root.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            assert not any(n.lstrip(".").startswith(("dashboard", "flowcore.dashboard")) for n in names), path.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from app import state
+from flowcore.dashboard import state
 from flowcore.inspection import box_change_shares, influence_concentration, latent_image_correlation
 from flowcore.likelihood import as_image_tensor
 

@@ -1,7 +1,7 @@
-"""flowcore dashboard entry point: ``streamlit run app/Home.py`` (or ``flowcore app``).
+"""flowcore dashboard entry point: ``streamlit run flowcore/dashboard/Home.py`` (or ``flowcore app``).
 
 The sidebar holds what every page shares: the model picker with its card, the image uploader, the
-preprocessing options and the image the single-image views inspect. Pages live in ``app/views/``, not
+preprocessing options and the image the single-image views inspect. Pages live in ``flowcore/dashboard/views/``, not
 ``pages/``: with ``st.navigation``, a ``pages/`` folder beside the entry script makes AppTest's reruns
 fall back to Streamlit's legacy multipage mode, which runs a page without this file.
 """
@@ -9,21 +9,14 @@ fall back to Streamlit's legacy multipage mode, which runs a page without this f
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
+
+import pandas as pd
+import streamlit as st
 
 from flowcore.config import describe_architecture
+from flowcore.dashboard import state
+from flowcore.evaluate import set_label
 from flowcore.models import count_parameters
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import pandas as pd  # noqa: E402
-import streamlit as st  # noqa: E402
-
-from app import state  # noqa: E402
-from flowcore.evaluate import set_label  # noqa: E402
 
 PAGES = {
     "Likelihood and OOD": [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, measure, state
+from flowcore.dashboard import figures, measure, state
 from flowcore.scores import ood_threshold, percentile_of, verdict
 
 LEVELS = {

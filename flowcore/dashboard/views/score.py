@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import figures, measure, state
+from flowcore.dashboard import figures, measure, state
 from flowcore.scores import (
     SCORE_DESCRIPTIONS,
     ood_threshold,

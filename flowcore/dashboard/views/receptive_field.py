@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, measure, state
+from flowcore.dashboard import figures, measure, state
 
 H_KEY, W_KEY, C_KEY = "rf_h", "rf_w", "rf_c"
 

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import figures, measure, state
+from flowcore.dashboard import figures, measure, state
 
 STEP_KEY = "tour_step"
 TOUR_MODEL = "fashion_realnvp"  # the default model; the tour uses the one in the sidebar if it is absent

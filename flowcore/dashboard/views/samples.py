@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, state
+from flowcore.dashboard import figures, state
 
 
 def main() -> None:

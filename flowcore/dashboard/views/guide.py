@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from app import state
+from flowcore.dashboard import state
 
 GUIDE = """
 A **normalizing flow** turns an image *x* into latents *z* of the same size through a chain of invertible

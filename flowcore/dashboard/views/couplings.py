@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from app import figures, state
+from flowcore.dashboard import figures, state
 
 
 def main() -> None:

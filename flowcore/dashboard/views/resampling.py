@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from app import figures, measure, state
+from flowcore.dashboard import figures, measure, state
 
 # A shipped single-scale model, whose latents each belong to one pixel: resampling keeps the outside there.
 SINGLE_SCALE = "fashion_realnvp_horizontal"

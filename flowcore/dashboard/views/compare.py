@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import figures, state
 from flowcore.config import describe_architecture
+from flowcore.dashboard import figures, state
 from flowcore.evaluate import set_label
 from flowcore.scores import percentile_of
 

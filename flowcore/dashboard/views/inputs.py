@@ -6,7 +6,7 @@ import os
 
 import streamlit as st
 
-from app import state
+from flowcore.dashboard import state
 from flowcore.data import DatasetNotFound
 from flowcore.evaluate import set_label
 

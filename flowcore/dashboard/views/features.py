@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from app import measure, state
 from flowcore.checkpoints import checkpoints_dir
+from flowcore.dashboard import measure, state
 from flowcore.data import EXAMPLE_SETS, load_examples
 from flowcore.embeddings import ExtractorMissing, load_extractor
 from flowcore.evaluate import set_label

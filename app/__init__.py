@@ -1,1 +1,0 @@
-"""The flowcore dashboard (Streamlit): ``streamlit run app/Home.py`` or ``flowcore app``."""

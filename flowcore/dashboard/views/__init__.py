@@ -1,0 +1,1 @@
+"""The dashboard pages (Streamlit scripts, run by the navigation in ``Home.py``)."""
