@@ -6,7 +6,6 @@ WORKDIR /opt/flowcore
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY flowcore ./flowcore
-COPY app ./app
 COPY checkpoints ./checkpoints
 RUN pip install --no-cache-dir -e ".[app]" && useradd --create-home --uid 1000 flowcore
 # the full data sets, if mounted (the gallery falls back to the examples bundled with flowcore)
