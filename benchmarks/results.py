@@ -385,7 +385,7 @@ def readme_with_summary(readme: str, summary: str) -> str:
 
 
 def render() -> tuple[str, dict[str, str]]:
-    names = list_checkpoints()
+    names = list_checkpoints(checkpoints_dir())
     head = [
         "# Results: the shipped model zoo",
         "",

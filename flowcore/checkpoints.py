@@ -29,6 +29,8 @@ __all__ = [
     "load",
     "resolve",
     "checkpoints_dir",
+    "checkpoint_roots",
+    "cache_dir",
     "list_checkpoints",
     "read_config",
 ]
@@ -41,29 +43,65 @@ class CheckpointError(Exception):
     """A checkpoint is missing, unreadable or does not match its config."""
 
 
-def checkpoints_dir() -> Path:
-    """``$FLOWCORE_CHECKPOINTS`` or the repository's ``checkpoints/`` folder."""
+# The default model ships inside the package (a wheel copies checkpoints/DEFAULT_MODEL here at build time), so
+# a fresh install scores and shows the dashboard without any download.
+BUNDLED = Path(__file__).resolve().parent / "bundled"
+DEFAULT_MODEL = "fashion_realnvp"
+
+
+def cache_dir() -> Path:
+    """``$FLOWCORE_CACHE`` or ``~/.cache/flowcore``: fetched checkpoints and extracted image features."""
+    env = os.environ.get("FLOWCORE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "flowcore"
+
+
+def _source_checkout_checkpoints() -> Path | None:
+    repo = Path(__file__).resolve().parent.parent
+    return repo / "checkpoints" if (repo / "pyproject.toml").is_file() and (repo / "checkpoints").is_dir() else None
+
+
+def checkpoint_roots() -> list[Path]:
+    """Where bare checkpoint names are looked up, in order: ``$FLOWCORE_CHECKPOINTS`` alone when set; else the
+    repository's ``checkpoints/`` (a source checkout), the per-user zoo (``flowcore zoo fetch``) and the model
+    bundled with the package."""
     env = os.environ.get("FLOWCORE_CHECKPOINTS")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
+    if env:
+        return [Path(env)]
+    repo = _source_checkout_checkpoints()
+    return [*([repo] if repo else []), cache_dir() / "checkpoints", BUNDLED]
 
 
-def list_checkpoints() -> list[str]:
-    root = checkpoints_dir()
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if (p / CONFIG).is_file() and (p / WEIGHTS).is_file())
+def checkpoints_dir() -> Path:
+    """The first of :func:`checkpoint_roots`: where the zoo's files live in a checkout (reports, model cards)."""
+    return checkpoint_roots()[0]
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
+
+
+def list_checkpoints(root: Path | None = None) -> list[str]:
+    """Names of every checkpoint in :func:`checkpoint_roots` (a name in an earlier root hides a later one), or in
+    ``root`` only."""
+    names: set[str] = set()
+    for folder in [root] if root is not None else checkpoint_roots():
+        if folder.is_dir():
+            names |= {p.name for p in folder.iterdir() if _is_checkpoint(p)}
+    return sorted(names)
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:
-    """A bare name resolves inside ``checkpoints/`` first (a folder of that name in the working directory never
+    """A bare name resolves in :func:`checkpoint_roots` first (a folder of that name in the working directory never
     shadows a shipped checkpoint: write ``./NAME`` for it); anything else is a path to a folder."""
     p = Path(name_or_path)
     bare = len(p.parts) == 1 and not str(name_or_path).startswith(".")
-    if bare and (checkpoints_dir() / p).exists():
-        return checkpoints_dir() / p
+    if bare:
+        for root in checkpoint_roots():
+            if (root / p).exists():
+                return root / p
     if not p.exists() and len(p.parts) == 1:
         known = ", ".join(list_checkpoints()) or "none"
-        raise CheckpointError(f"no checkpoint named {str(name_or_path)!r} (known: {known})")
+        raise CheckpointError(f"no checkpoint named {str(name_or_path)!r} (known: {known}; `flowcore zoo list`)")
     if not p.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {p}")
     return p

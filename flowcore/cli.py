@@ -157,6 +157,23 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_zoo(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    if args.action == "fetch":
+        if not args.names:
+            raise ValueError("name the checkpoints to fetch (flowcore zoo list shows them)")
+        for name in args.names:
+            print(f"fetched {name} to {zoo.fetch_checkpoint(name, args.base_url)}")
+        return 0
+    rows = zoo.zoo_rows()
+    width = max((len(r["name"]) for r in rows), default=4)
+    for r in rows:
+        print(f"{r['name']:<{width}}  {r['size']:>8}  {r['where']}")
+    print(zoo.roots_text())
+    return 0
+
+
 def _cmd_app(args: argparse.Namespace) -> int:
     import os
     import subprocess
@@ -245,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("names", nargs="*")
     d.add_argument("--data-dir", default=None)
     d.set_defaults(func=_cmd_data)
+
+    z = sub.add_parser("zoo", help="list the model zoo, or fetch checkpoints from a mirror")
+    z.add_argument("action", choices=["list", "fetch"])
+    z.add_argument("names", nargs="*")
+    z.add_argument("--base-url", default=None, help="mirror of the zoo (default $FLOWCORE_ZOO_URL)")
+    z.set_defaults(func=_cmd_zoo)
 
     a = sub.add_parser("app", help="start the dashboard")
     a.add_argument("--port", type=int, default=8501)

@@ -20,18 +20,12 @@ import numpy as np
 import torch
 
 from . import embeddings
-from .checkpoints import atomic_write, save
+from .checkpoints import atomic_write, cache_dir, save
 from .data import DatasetNotFound, load_images
 from .models import build
 from .train import RunLog, TrainConfig, drop_derived_files, export_folder, lr_at, optimizer_for
 
 __all__ = ["cache_dir", "dataset_features", "train_vectors", "log_likelihood", "image_log_likelihood", "input_shape"]
-
-
-def cache_dir() -> Path:
-    """``$FLOWCORE_CACHE`` or ``~/.cache/flowcore``: where extracted features are kept."""
-    env = os.environ.get("FLOWCORE_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "flowcore"
 
 
 def dataset_features(

@@ -13,7 +13,7 @@ from flowcore.data import load_images, match_shape
 from flowcore.evaluate import load_reference
 
 ROOT = Path(__file__).resolve().parent.parent
-SHIPPED = list_checkpoints()
+SHIPPED = list_checkpoints(checkpoints_dir())
 FEATURE_IMAGES = 20  # test images a flow on features re-embeds (about a second)
 
 

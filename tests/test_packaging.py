@@ -1,0 +1,178 @@
+"""Issue 20: installable like real software. The model zoo (manifest, list, verified fetch over loopback) and a
+built wheel that works in a fresh environment, outside the source checkout."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import perturb_
+from PIL import Image
+
+import flowcore
+from flowcore import zoo
+from flowcore.checkpoints import CheckpointError, resolve
+from flowcore.cli import main
+from flowcore.download import ChecksumError, DownloadError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, Path]]:
+    """A loopback HTTP server over a folder holding one tiny checkpoint, and a manifest naming it."""
+    served = tmp_path / "served"
+    model = perturb_(flowcore.build({"arch": "realnvp", "image_shape": [1, 8, 8], "hidden": 4, "blocks": 1}))
+    flowcore.save(model.eval(), served / "tiny_zoo", name="tiny_zoo", dataset="fashion_mnist")
+    (served / "tiny_zoo" / "README.md").write_text("# tiny_zoo\n")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(zoo.make_manifest(served)))
+    monkeypatch.setattr(zoo, "MANIFEST", manifest)
+    monkeypatch.setenv("FLOWCORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FLOWCORE_CHECKPOINTS", raising=False)
+    monkeypatch.delenv(zoo.ZOO_URL_ENV, raising=False)
+    handler = functools.partial(QuietHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_zoo_fetch_verifies_every_file_and_the_name_then_resolves(mirror, tmp_path, capsys):
+    url, served = mirror
+    with pytest.raises(CheckpointError):
+        resolve("tiny_zoo")
+    assert main(["zoo", "fetch", "tiny_zoo", "--base-url", url]) == 0
+    folder = tmp_path / "cache" / "checkpoints" / "tiny_zoo"
+    assert resolve("tiny_zoo") == folder
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in (served / "tiny_zoo").iterdir())
+    x = torch.rand(2, 1, 8, 8)
+    torch.testing.assert_close(flowcore.load("tiny_zoo").log_prob(x), flowcore.load(served / "tiny_zoo").log_prob(x))
+    capsys.readouterr()
+    assert main(["zoo", "list"]) == 0
+    assert any(line.startswith("tiny_zoo") and str(folder) in line for line in capsys.readouterr().out.splitlines())
+
+
+def test_zoo_fetch_of_a_tampered_file_leaves_nothing_behind(mirror, tmp_path, capsys):
+    url, served = mirror
+    weights = served / "tiny_zoo" / "model.safetensors"
+    raw = bytearray(weights.read_bytes())
+    raw[-1] ^= 0xFF  # same size, other bytes
+    weights.write_bytes(bytes(raw))
+    with pytest.raises(ChecksumError, match="checksum mismatch"):
+        zoo.fetch_checkpoint("tiny_zoo", url)
+    cache = tmp_path / "cache" / "checkpoints"
+    assert list(cache.iterdir()) == []  # no folder, no staging, no partial file
+    assert main(["zoo", "fetch", "tiny_zoo", "--base-url", url]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checksum mismatch" in err[0]
+    with pytest.raises(CheckpointError):
+        resolve("tiny_zoo")
+
+
+def test_zoo_fetch_without_a_mirror_or_of_an_unknown_name_says_why(mirror):
+    with pytest.raises(DownloadError, match="no zoo mirror: pass --base-url or set FLOWCORE_ZOO_URL"):
+        zoo.fetch_checkpoint("tiny_zoo")
+    with pytest.raises(ValueError, match="unknown checkpoint 'nope'; the zoo has: tiny_zoo"):
+        zoo.fetch_checkpoint("nope", mirror[0])
+
+
+def test_shipped_manifest_matches_the_shipped_checkpoints():
+    """`flowcore zoo fetch` checks downloads against this manifest: it must describe the files we ship."""
+    result = subprocess.run([sys.executable, str(ROOT / "tools" / "zoo_manifest.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_built_wheel_scores_and_serves_the_dashboard_outside_the_checkout(tmp_path: Path) -> None:
+    """Build the wheel, install it into a fresh venv (its dependencies, torch included, are those of this
+    environment, reached through a path file), and from an unrelated folder score an image with the bundled
+    default model and start the dashboard until its health endpoint answers."""
+    pytest.importorskip("streamlit")
+    # build from a clean copy of the sources: a stale build/ folder in the checkout must not hide a broken build
+    src = tmp_path / "src"
+
+    def skipped(folder: str, names: list[str]) -> list[str]:
+        drop = {".git", ".venv", "build", "dist", "runs", "tests", "docs", "__pycache__"}
+        if Path(folder) == ROOT / "checkpoints":
+            drop |= {n for n in names if n != "fashion_realnvp"}
+        return [n for n in names if n in drop or n.endswith(".egg-info")]
+
+    shutil.copytree(ROOT, src, ignore=skipped)
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
+                    str(src)], check=True, cwd=tmp_path)
+    (wheel,) = dist.glob("flowcore-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # dependencies only: a plain path line does not run this environment's own .pth files (the editable install)
+    Path(site, "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWCORE_")}
+    env.update(HOME=str(tmp_path / "home"), FLOWCORE_CACHE=str(tmp_path / "cache"), PYTHONNOUSERSITE="1")
+    where = subprocess.run([str(python), "-c", "import flowcore; print(flowcore.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(site), where  # the wheel's copy, not the checkout
+    image = work / "shirt.png"
+    Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)).save(image)
+    flowcore_cmd = venv / "bin" / "flowcore"
+    scored = subprocess.run([str(flowcore_cmd), "score", "fashion_realnvp", str(image), "--format", "json",
+                             "--no-progress"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr
+    (row,) = json.loads(scored.stdout)
+    assert row["path"].endswith("shirt.png") and row["ood"] in (True, False) and row["bpd"] > 0
+    listed = subprocess.run([str(flowcore_cmd), "zoo", "list"], cwd=work, env=env, capture_output=True, text=True)
+    assert any(line.startswith("fashion_realnvp") and "bundled" in line for line in listed.stdout.splitlines())
+    port = _free_port()
+    app = subprocess.Popen([str(flowcore_cmd), "app", "--port", str(port)], cwd=work, env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline, answer = time.time() + 120, ""
+        while time.time() < deadline and app.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    answer = r.read().decode()
+                    break
+            except OSError:
+                time.sleep(0.5)
+        assert answer == "ok", (app.poll(), app.stdout.read().decode() if app.poll() is not None else "")
+    finally:
+        app.terminate()
+        app.wait(timeout=30)
+    shutil.rmtree(venv, ignore_errors=True)
