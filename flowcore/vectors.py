@@ -153,6 +153,7 @@ def train_vectors(
         "epochs_completed": cfg.epochs,
         "images_seen": step * cfg.batch_size,
         "cpu_minutes": round(minutes, 1),  # process CPU time of the flow's training (features cached apart)
+        "clock": "process",
         "threads": torch.get_num_threads(),
         "stopped_by": "epochs",
         "skipped_steps": skipped,
