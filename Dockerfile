@@ -7,7 +7,7 @@ RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorc
 COPY pyproject.toml README.md ./
 COPY flowcore ./flowcore
 COPY checkpoints ./checkpoints
-RUN pip install --no-cache-dir -e ".[app]" && useradd --create-home --uid 1000 flowcore
+RUN pip install --no-cache-dir -e ".[app,embeddings]" && useradd --create-home --uid 1000 flowcore
 # the full data sets, if mounted (the gallery falls back to the examples bundled with flowcore)
 ENV FLOWCORE_DATA_DIR=/data
 USER flowcore
