@@ -300,6 +300,257 @@ def drop_derived_files(folder: Path) -> None:
             write_json(cfg_path, {k: v for k, v in old.items() if k not in ("reference", "data_note")})
 
 
+@dataclass
+class _Run:
+    """One run's moving parts, shared by the step, the evaluation, the saves and the export."""
+
+    cfg: TrainConfig
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    log: RunLog
+    state_path: Path
+    device: str
+    x_train: Tensor
+    x_test: Tensor
+    x_neg: Tensor | None
+    pos: dict[str, Any]
+    world: int = 1
+    main: bool = True
+    local: slice = field(default_factory=lambda: slice(None))
+    objective: torch.nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
+    # the budget and the reported minutes are this process's CPU time on a CPU (two runs sharing two cores, or a
+    # busy machine, get the same compute for the same budget), wall time on an accelerator
+    clock: Any = time.process_time
+    start_elapsed: float = 0.0
+    t0: float = 0.0
+
+    @property
+    def dims(self) -> int:
+        return int(np.prod(self.cfg.model.image_shape))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.x_train) // self.cfg.batch_size
+
+    @property
+    def global_step(self) -> int:
+        return self.pos["epoch"] * self.steps_per_epoch + self.pos["step"]
+
+    def elapsed(self) -> float:
+        return self.start_elapsed + self.clock() - self.t0
+
+    def start_clock(self) -> None:
+        self.clock = time.process_time if torch.device(self.device).type == "cpu" else time.time
+        self.start_elapsed, self.t0 = self.pos["elapsed"], self.clock()
+
+    def save_state(self) -> None:
+        self.pos["elapsed"] = self.elapsed()
+        if self.main:  # parameters agree on every rank; of per-rank BatchNorm running statistics, rank 0's are kept
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "position": dict(self.pos)}
+            _atomic_torch_save(state, self.state_path)
+        self.log(event="save", **self.pos)
+
+    def test_bpd(self) -> float:
+        """Mean test bits/dim (every rank computes a share under torchrun), then back to training mode."""
+        self.model.eval()
+        if self.world > 1:
+            dist.broadcast_state(self.model, buffers_only=True)
+
+        def part(a: int, b: int) -> list:
+            return list(log_likelihood_nats(self.model, self.x_test[a:b], seed=self.cfg.seed, batch_size=256,
+                                            device=self.device))
+
+        ll = np.asarray(dist.map_batches(part, len(self.x_test), 256)) if self.world > 1 else np.asarray(
+            part(0, len(self.x_test)))
+        _train_mode(self.model, self.cfg)
+        return float(np.mean(nats_to_bpd(ll, self.dims)))
+
+
+@dataclass
+class _StepResult:
+    ok: bool  # the step reached the weights (every rank agrees)
+    bpd: float  # the global batch's bits/dim
+    loss: float
+    neg_bpd: float | None  # eq. 7's OOD term in bits/dim, with negative training
+
+
+def _start(cfg: TrainConfig, run_dir: Path, resume: bool, data_dir: str | None, device: str) -> _Run:
+    """Data, model and optimizer of a new run, or of the saved one when resuming."""
+    world, rank = dist.world_size(), dist.rank()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
+    shape = cfg.model.image_shape
+    x_train = _images(cfg.dataset, "train", shape, data_dir, cfg.train_subset)
+    if len(x_train) < cfg.batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
+    torch.manual_seed(cfg.seed)
+    model = build(cfg.model).to(device)
+    model, batchnorm = dist.convert_sync_batchnorm(model, device)
+    share = cfg.batch_size // world
+    run = _Run(
+        cfg=cfg, model=model, opt=optimizer_for(cfg, model.parameters()),
+        log=RunLog(run_dir / "log.jsonl", enabled=rank == 0), state_path=run_dir / "state.pt", device=device,
+        x_train=x_train, x_test=_images(cfg.dataset, "test", shape, data_dir, cfg.test_subset),
+        x_neg=_images(cfg.negative.dataset, "train", shape, data_dir) if cfg.negative else None,
+        pos={"epoch": 0, "step": 0, "elapsed": 0.0, "skipped": 0, "total_steps": 0, "warm_from": 0},
+        world=world, main=rank == 0, local=slice(rank * share, (rank + 1) * share),
+    )
+    run.pos["total_steps"] = run.steps_per_epoch * cfg.epochs
+    _restore_or_begin(run, resume)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        dist.global_actnorm_init(model)
+        dev = torch.device(device)
+        run.objective = DistributedDataParallel(dist.LogProb(model), device_ids=[dev.index] if dev.type == "cuda"
+                                                else None)
+        run.log(event="distributed", world_size=world, backend=dist.backend(), per_rank_batch=share,
+                batchnorm=batchnorm, device=device)
+    return run
+
+
+def _restore_or_begin(run: _Run, resume: bool) -> None:
+    """Load the saved state (a resume, possibly with more epochs: the schedule warms up again from there), or
+    log the start of a new run (and load ``init_from``'s weights)."""
+    total_steps = run.pos["total_steps"]
+    if resume and run.state_path.is_file():
+        st = _load_state(run.state_path)
+        run.model.load_state_dict(st["model"])
+        run.opt.load_state_dict(st["optimizer"])
+        saved = st["position"]
+        run.pos = {k: saved.get(k, v) for k, v in run.pos.items()}
+        run.log(event="resume", **run.pos)
+        if saved.get("total_steps") != total_steps:  # more (or fewer) epochs than saved: warm up again from here
+            run.pos["total_steps"] = total_steps
+            run.pos["warm_from"] = run.global_step
+            run.log(event="schedule_extended", total_steps=total_steps, warm_from=run.pos["warm_from"])
+    elif run.state_path.is_file():
+        folder = run.state_path.parent
+        raise FileExistsError(f"{run.state_path} exists: pass --resume to continue it, or remove {folder}")
+    else:
+        run.log(event="start", config=run.cfg.to_dict(), torch=torch.__version__, threads=torch.get_num_threads())
+        if run.cfg.init_from:
+            parent = _init_from(run.model, run.cfg)
+            run.log(event="init_from", checkpoint=run.cfg.init_from,
+                    test_bpd=parent.get("metrics", {}).get("test_bpd_subset"))
+
+
+def _batches(run: _Run, perm: Tensor) -> tuple[Tensor, Tensor | None]:
+    """This step's dequantized training batch and OOD batch (this rank's share), from the step's own seed."""
+    cfg, step = run.cfg, run.pos["step"]
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + run.global_step)
+    k = run.x_train[perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
+    if cfg.pixel_noise_mu > 0:
+        k = _add_pixel_noise(k, cfg.pixel_noise_mu, gen)
+    v = dequantize(k, "uniform", gen)[run.local].to(run.device)
+    if run.x_neg is None:
+        return v, None
+    nidx = torch.randint(0, len(run.x_neg), (cfg.batch_size,), generator=gen)
+    return v, dequantize(run.x_neg[nidx], "uniform", gen)[run.local].to(run.device)
+
+
+def _log_likelihoods(run: _Run, v: Tensor, v_neg: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Discrete log-likelihoods (nats) of the batch and of the OOD batch (under running BatchNorm statistics)."""
+    shift = run.dims * LOG_256
+    if run.objective is None:  # the batch first: its forward pass updates the running statistics the OOD batch uses
+        log_p = run.model.log_prob(v) - shift
+        return log_p, None if v_neg is None else log_prob_running_stats(run.model, v_neg) - shift
+    if v_neg is None:
+        return run.objective(v) - shift, None
+    log_p, log_q = run.objective(v, v_neg)
+    return log_p - shift, log_q - shift
+
+
+def _reduce(run: _Run, log_p: Tensor, loss: Tensor, neg_term: Tensor | None, ok: bool) -> tuple[bool, float, float,
+                                                                                                 float | None]:
+    """The one collective of a step: whether every rank's loss is finite (skip on all or none), and the global
+    batch's bits/dim, loss and OOD term for the log. A single process reads its own values."""
+    nats_to_bits = run.dims * math.log(2)
+    if run.world == 1:
+        neg = None if neg_term is None else float(-neg_term.detach())
+        return ok, float(-log_p.detach().mean()) / nats_to_bits, float(loss.detach()), neg
+    zero = torch.zeros((), device=log_p.device)
+    parts = [log_p.detach().double().sum(), torch.tensor(float(ok), device=log_p.device),
+             neg_term.detach() if neg_term is not None else zero, loss.detach()]
+    stats = dist.all_reduce_sum(torch.stack([t.double() for t in parts])).cpu()
+    bpd = float(-stats[0]) / run.cfg.batch_size / nats_to_bits
+    neg = None if neg_term is None else -float(stats[2]) / run.world
+    return bool(stats[1] == run.world), bpd, float(stats[3]) / run.world, neg
+
+
+def _step(run: _Run, perm: Tensor) -> _StepResult:
+    """One optimisation step. A non-finite loss or gradient never reaches the weights: the step is skipped on
+    every rank and the BatchNorm running statistics its forward pass changed are restored."""
+    cfg = run.cfg
+    v, v_neg = _batches(run, perm)
+    for group in run.opt.param_groups:
+        group["lr"] = lr_at(cfg, run.global_step, run.pos["total_steps"], run.pos["warm_from"])
+    buffers_before = [b.clone() for b in run.model.buffers()]
+    log_p, log_q = _log_likelihoods(run, v, v_neg)
+    loss = -log_p.mean() / (run.dims * math.log(2))
+    neg_term = None
+    if log_q is not None:
+        neg_term = negative_term(log_q, cfg.negative.threshold, run.world) / (run.dims * math.log(2))
+        loss = loss + cfg.negative.weight * neg_term
+    run.opt.zero_grad(set_to_none=True)
+    ok, bpd, loss_value, neg_bpd = _reduce(run, log_p, loss, neg_term, bool(torch.isfinite(loss)))
+    if ok:
+        loss.backward()
+        # the total norm is non-finite iff some gradient is: such a step never reaches the weights
+        ok = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip or math.inf)))
+    if ok:
+        run.opt.step()
+    else:
+        with torch.no_grad():
+            for b, saved in zip(run.model.buffers(), buffers_before, strict=True):
+                b.copy_(saved)
+        run.pos["skipped"] += 1
+        run.log(event="skip_nonfinite", step=run.global_step, loss=loss_value)
+    return _StepResult(ok, bpd, loss_value, neg_bpd)
+
+
+def _check_budget(run: _Run, budget: float | None, run_dir: Path) -> None:
+    """A resumed run that has already spent its budget is refused: ``max_minutes`` counts the whole run, resumes
+    included, so without this check a resume would train one step and stop."""
+    spent = run.pos["elapsed"]
+    if budget is not None and spent > 0 and spent >= 60 * budget and run.global_step < run.pos["total_steps"]:
+        raise ValueError(
+            f"{run_dir} has already trained {spent / 60:.1f} minutes, over its budget of {budget:g}"
+            " (max_minutes counts the whole run): pass a larger --max-minutes to continue it"
+        )
+
+
+def _export(run: _Run, out: Path, stopped_by: str, bpd: float) -> None:
+    """Write the trained model, its training record and config to ``out`` (rank 0)."""
+    cfg = run.cfg
+    images_seen = run.global_step * cfg.batch_size
+    training = {
+        "dataset": cfg.dataset,
+        "train_images": len(run.x_train),
+        "optimizer": cfg.optimizer,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "epochs_completed": round(images_seen / len(run.x_train), 3),
+        "images_seen": images_seen,
+        "cpu_minutes": round(run.pos["elapsed"] / 60, 1),
+        "clock": "process" if run.clock is time.process_time else "wall",  # what cpu_minutes measured
+        "threads": torch.get_num_threads(),
+        "stopped_by": stopped_by,
+        "skipped_steps": run.pos["skipped"],
+        "pixel_noise_mu": cfg.pixel_noise_mu,
+        # "normalised_by": how the OOD term was averaged (eq. 7: over the N_OOD points above c)
+        "negative": {**asdict(cfg.negative), "normalised_by": "n_ood"} if cfg.negative else None,
+        "init_from": _parent_summary(cfg.init_from) if cfg.init_from else None,
+        "torch": torch.__version__,
+        "device": run.device,
+        "world_size": run.world,
+    }
+    if run.main:
+        drop_derived_files(out)
+        save(run.model.cpu(), out, name=cfg.name, dataset=cfg.dataset, ood=cfg.ood, training=training,
+             train_config=cfg.to_dict(), metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(run.x_test)})
+
+
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike | None = None,
@@ -316,255 +567,68 @@ def train(
 
     An ``export_dir`` that already holds a model (a shipped checkpoint, say) is refused before any training
     unless ``replace``; replacing drops its reference statistics, histogram and card, which described the old
-    weights. ``max_steps`` stops early (for tests: simulates a kill) without exporting.
+    weights. ``max_steps`` stops early (for tests: simulates a kill) without exporting. ``max_minutes`` (else
+    the config's) is a budget of CPU minutes of this process for the whole run, resumes included.
     Returns a summary dict (the same on every rank when run under torchrun).
     """
     from tqdm.auto import tqdm
 
     device = dist.init(device)
-    world, rank = dist.world_size(), dist.rank()
-    main = rank == 0
-    if cfg.batch_size % world:
-        raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
-    local = slice(rank * (cfg.batch_size // world), (rank + 1) * (cfg.batch_size // world))
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = RunLog(run_dir / "log.jsonl", enabled=main)
-    state_path = run_dir / "state.pt"
-    shape = cfg.model.image_shape
-
-    x_train = _images(cfg.dataset, "train", shape, data_dir, cfg.train_subset)
-    x_test = _images(cfg.dataset, "test", shape, data_dir, cfg.test_subset)
-    x_neg = _images(cfg.negative.dataset, "train", shape, data_dir) if cfg.negative else None
-    dims = int(np.prod(shape))
-
-    torch.manual_seed(cfg.seed)
-    model = build(cfg.model).to(device)
-    model, batchnorm = dist.convert_sync_batchnorm(model, device)
-    opt = optimizer_for(cfg, model.parameters())
-    steps_per_epoch = len(x_train) // cfg.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {cfg.batch_size} is larger than the training set ({len(x_train)})")
-    total_steps = steps_per_epoch * cfg.epochs
-    pos = {"epoch": 0, "step": 0, "elapsed": 0.0, "skipped": 0, "total_steps": total_steps, "warm_from": 0}
-    if resume and state_path.is_file():
-        st = _load_state(state_path)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        saved = st["position"]
-        pos = {k: saved.get(k, pos[k]) for k in pos}
-        log(event="resume", **pos)
-        if saved.get("total_steps") != total_steps:  # more (or fewer) epochs than saved: warm up again from here
-            pos["total_steps"] = total_steps
-            pos["warm_from"] = pos["epoch"] * steps_per_epoch + pos["step"]
-            log(event="schedule_extended", total_steps=total_steps, warm_from=pos["warm_from"])
-    elif state_path.is_file() and not resume:
-        raise FileExistsError(f"{state_path} exists: pass --resume to continue it, or remove {run_dir}")
-    else:
-        log(event="start", config=cfg.to_dict(), torch=torch.__version__, threads=torch.get_num_threads())
-        if cfg.init_from:
-            parent = _init_from(model, cfg)
-            log(event="init_from", checkpoint=cfg.init_from, test_bpd=parent.get("metrics", {}).get("test_bpd_subset"))
-    objective = None
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        dist.global_actnorm_init(model)
-        dev = torch.device(device)
-        objective = DistributedDataParallel(dist.LogProb(model), device_ids=[dev.index] if dev.type == "cuda" else None)
-        log(
-            event="distributed",
-            world_size=world,
-            backend=dist.backend(),
-            per_rank_batch=cfg.batch_size // world,
-            batchnorm=batchnorm,
-            device=device,
-        )
-
+    run = _start(cfg, run_dir, resume, data_dir, device)
+    pos, total_steps = run.pos, run.pos["total_steps"]
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
-    done = pos["epoch"] * steps_per_epoch + pos["step"] >= total_steps
-    if resume and pos["elapsed"] > 0 and budget is not None and pos["elapsed"] >= 60 * budget and not done:
-        # max_minutes counts the whole run, resumes included: without this a resume would train one step and stop
-        raise ValueError(
-            f"{run_dir} has already trained {pos['elapsed'] / 60:.1f} minutes, over its budget of {budget:g}"
-            " (max_minutes counts the whole run): pass a larger --max-minutes to continue it"
-        )
-    # the budget and the reported minutes are this process's CPU time on a CPU (two runs sharing two cores, or a
-    # busy machine, get the same compute for the same budget), wall time on an accelerator
-    clock = time.process_time if torch.device(device).type == "cpu" else time.time
-    start_elapsed, t0 = pos["elapsed"], clock()
-    last_save = time.time()
-
-    def elapsed() -> float:
-        return start_elapsed + clock() - t0
-
-    def save_state() -> None:
-        pos["elapsed"] = elapsed()
-        if main:  # parameters agree on every rank; of per-rank BatchNorm running statistics, rank 0's are kept
-            _atomic_torch_save(
-                {"model": model.state_dict(), "optimizer": opt.state_dict(), "position": dict(pos)}, state_path
-            )
-        log(event="save", **pos)
-
-    def test_bpd() -> float:
-        model.eval()
-        if world > 1:
-            dist.broadcast_state(model, buffers_only=True)
-
-        def part(a: int, b: int) -> list:
-            ll = log_likelihood_nats(model, x_test[a:b], seed=cfg.seed, batch_size=256, device=device)
-            return list(ll)
-
-        ll = (
-            np.asarray(dist.map_batches(part, len(x_test), 256))
-            if world > 1
-            else log_likelihood_nats(model, x_test, seed=cfg.seed, batch_size=256, device=device)
-        )
-        _train_mode(model, cfg)
-        return float(np.mean(nats_to_bpd(ll, dims)))
-
-    stopped_by = "epochs"
-    _train_mode(model, cfg)
-    bar = tqdm(
-        total=total_steps,
-        initial=pos["step"] + pos["epoch"] * steps_per_epoch,
-        disable=not progress or not main,
-        unit="step",
-        dynamic_ncols=True,
-    )
-    steps_this_call = 0
-    while pos["epoch"] < cfg.epochs:
-        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + pos["epoch"]))
-        while pos["step"] < steps_per_epoch:
-            global_step = pos["epoch"] * steps_per_epoch + pos["step"]
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + global_step)
-            idx = perm[pos["step"] * cfg.batch_size : (pos["step"] + 1) * cfg.batch_size]
-            k = x_train[idx]
-            if cfg.pixel_noise_mu > 0:
-                k = _add_pixel_noise(k, cfg.pixel_noise_mu, gen)
-            v = dequantize(k, "uniform", gen)[local].to(device)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, global_step, total_steps, pos["warm_from"])
-            # BatchNorm running stats change in the forward pass: keep them to undo a skipped step
-            buffers_before = [b.clone() for b in model.buffers()]
-            v_neg = None
-            if x_neg is not None:
-                nidx = torch.randint(0, len(x_neg), (cfg.batch_size,), generator=gen)
-                v_neg = dequantize(x_neg[nidx], "uniform", gen)[local].to(device)
-            if objective is None:
-                log_p = model.log_prob(v) - dims * LOG_256
-                log_q = None if v_neg is None else log_prob_running_stats(model, v_neg) - dims * LOG_256
-            elif v_neg is None:
-                log_p = objective(v) - dims * LOG_256
-            else:
-                log_p, log_q = objective(v, v_neg)
-                log_p, log_q = log_p - dims * LOG_256, log_q - dims * LOG_256
-            log_p_value = log_p.detach()
-            loss = -log_p.mean() / (dims * math.log(2))
-            neg_term = None
-            if v_neg is not None:
-                neg_term = negative_term(log_q, cfg.negative.threshold, world) / (dims * math.log(2))
-                loss = loss + cfg.negative.weight * neg_term
-            opt.zero_grad(set_to_none=True)
-            ok = bool(torch.isfinite(loss))
-            if world > 1:  # one collective: global-batch bpd for the log, and skip the step on every rank or none
-                neg_value = neg_term.detach() if neg_term is not None else torch.zeros((), device=log_p.device)
-                ok_value = torch.tensor(float(ok), device=log_p.device)
-                parts = [log_p_value.double().sum(), ok_value, neg_value, loss.detach()]
-                stats = dist.all_reduce_sum(torch.stack([t.double() for t in parts])).cpu()
-                ok = bool(stats[1] == world)
-                bpd_global = float(-stats[0]) / cfg.batch_size / (dims * math.log(2))
-                neg_global = float(stats[2]) / world
-                loss_global = float(stats[3]) / world
-            if ok:
-                loss.backward()
-                # the total norm is non-finite iff some gradient is: such a step never reaches the weights
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip or float("inf"))
-                ok = bool(torch.isfinite(norm))
-            if ok:
-                opt.step()
-            else:
-                with torch.no_grad():
-                    for b, saved in zip(model.buffers(), buffers_before, strict=True):
-                        b.copy_(saved)
-                pos["skipped"] += 1
-                log(event="skip_nonfinite", step=global_step, loss=float(loss.detach()) if world == 1 else loss_global)
+    _check_budget(run, budget, run_dir)
+    run.start_clock()
+    last_save, stopped_by, steps_this_call = time.time(), "epochs", 0
+    _train_mode(run.model, cfg)
+    bar = tqdm(total=total_steps, initial=run.global_step, disable=not progress or not run.main, unit="step",
+               dynamic_ncols=True)
+    while pos["epoch"] < cfg.epochs and stopped_by == "epochs":
+        perm = torch.randperm(len(run.x_train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + pos["epoch"]))
+        while pos["step"] < run.steps_per_epoch:
+            global_step = run.global_step
+            result = _step(run, perm)
             pos["step"] += 1
             steps_this_call += 1
             bar.update(1)
-            if global_step % 10 == 0 and main:
-                bpd_bar = float(-log_p_value.mean()) / (dims * math.log(2)) if world == 1 else bpd_global
-                bar.set_postfix(bpd=f"{bpd_bar:.3f}", ep=pos["epoch"])
+            if global_step % 10 == 0 and run.main:
+                bar.set_postfix(bpd=f"{result.bpd:.3f}", ep=pos["epoch"])
             if global_step % cfg.log_every == 0:
-                bpd_now = float(-log_p_value.mean()) / (dims * math.log(2)) if world == 1 else bpd_global
-                lr_now = opt.param_groups[0]["lr"]
-                event = {"event": "train", "step": global_step, "bpd": round(bpd_now, 5), "lr": lr_now}
-                if neg_term is not None:
-                    event["neg_bpd"] = round(float(-neg_term.detach()) if world == 1 else -neg_global, 5)
-                log(**event)
-            if main and time.time() - last_save > 60 * cfg.save_every_minutes:  # rank 0 alone: no collective
-                save_state()
+                event = {"step": global_step, "bpd": round(result.bpd, 5), "lr": run.opt.param_groups[0]["lr"]}
+                if result.neg_bpd is not None:
+                    event["neg_bpd"] = round(result.neg_bpd, 5)
+                run.log(event="train", **event)
+            if run.main and time.time() - last_save > 60 * cfg.save_every_minutes:  # rank 0 alone: no collective
+                run.save_state()
                 last_save = time.time()
             if max_steps is not None and steps_this_call >= max_steps:
-                save_state()
+                run.save_state()
                 bar.close()
                 dist.barrier()
                 return {"stopped_by": "max_steps", **pos}
-            over_budget = budget is not None and elapsed() > 60 * budget
-            if dist.broadcast_flag(over_budget) if world > 1 and budget is not None else over_budget:
+            over_budget = budget is not None and run.elapsed() > 60 * budget
+            if dist.broadcast_flag(over_budget) if run.world > 1 and budget is not None else over_budget:
                 stopped_by = "max_minutes"
                 break
-        if stopped_by == "max_minutes":
-            break
-        pos["epoch"] += 1
-        pos["step"] = 0
-        bpd = test_bpd()
-        log(event="epoch", epoch=pos["epoch"], test_bpd=round(bpd, 5), elapsed=round(elapsed(), 1))
-        if main:
-            bar.write(f"epoch {pos['epoch']}: test bpd {bpd:.4f}")
-        save_state()
-        last_save = time.time()
+        if stopped_by == "epochs":
+            pos["epoch"] += 1
+            pos["step"] = 0
+            bpd = run.test_bpd()
+            run.log(event="epoch", epoch=pos["epoch"], test_bpd=round(bpd, 5), elapsed=round(run.elapsed(), 1))
+            if run.main:
+                bar.write(f"epoch {pos['epoch']}: test bpd {bpd:.4f}")
+            run.save_state()
+            last_save = time.time()
     bar.close()
-    save_state()
-    bpd = test_bpd()
-    model.eval()
-    images_seen = (pos["epoch"] * steps_per_epoch + pos["step"]) * cfg.batch_size
-    training = {
-        "dataset": cfg.dataset,
-        "train_images": len(x_train),
-        "optimizer": cfg.optimizer,
-        "lr": cfg.lr,
-        "batch_size": cfg.batch_size,
-        "epochs_completed": round(images_seen / len(x_train), 3),
-        "images_seen": images_seen,
-        "cpu_minutes": round(pos["elapsed"] / 60, 1),
-        "clock": "process" if clock is time.process_time else "wall",  # what cpu_minutes measured
-        "threads": torch.get_num_threads(),
-        "stopped_by": stopped_by,
-        "skipped_steps": pos["skipped"],
-        "pixel_noise_mu": cfg.pixel_noise_mu,
-        # "normalised_by": how the OOD term was averaged (eq. 7: over the N_OOD points above c)
-        "negative": {**asdict(cfg.negative), "normalised_by": "n_ood"} if cfg.negative else None,
-        "init_from": _parent_summary(cfg.init_from) if cfg.init_from else None,
-        "torch": torch.__version__,
-        "device": device,
-        "world_size": world,
-    }
-    if main:
-        drop_derived_files(out)
-        save(
-            model.cpu(),
-            out,
-            name=cfg.name,
-            dataset=cfg.dataset,
-            ood=cfg.ood,
-            training=training,
-            train_config=cfg.to_dict(),
-            metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(x_test)},
-        )
+    run.save_state()
+    bpd = run.test_bpd()
+    run.model.eval()
+    _export(run, out, stopped_by, bpd)
     dist.barrier()
-    log(event="export", path=str(out), test_bpd=bpd)
+    run.log(event="export", path=str(out), test_bpd=bpd)
     return {"stopped_by": stopped_by, "test_bpd": bpd, "export": str(out), **pos}
