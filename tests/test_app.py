@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -658,3 +659,31 @@ def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_en
     ckpts, _ = feature_env
     ours = json.loads((ckpts / "rgb_embeddings" / "config.json").read_text())["reference"]["auroc"]["likelihood"]
     assert f"mnist ({100 * ours['mnist']:.1f} %)" in text and "`rgb_realnvp` mnist" in text
+
+
+def test_one_cache_decorator_keys_by_function_checkpoint_files_and_arguments(env: tuple[Path, Path]) -> None:
+    ckpts, _ = env
+    folder = ckpts / "fashion_copy"
+    cfg = state.config("fashion_copy")
+    assert "test__likelihood" in state.reference("fashion_copy")  # same arguments, another function: no collision
+    calls = []
+
+    @state.per_checkpoint()
+    def probe(name: str, a: np.ndarray, k: int = 2) -> float:
+        calls.append(k)
+        return float(a.sum() * k)
+
+    x = np.arange(6.0).reshape(2, 3)
+    assert probe("fashion_copy", x) == probe("fashion_copy", x, 2) == probe("fashion_copy", np.asfortranarray(x))
+    assert calls == [2]  # defaults bound and arrays made contiguous: one entry
+    assert probe("fashion_copy", x, k=3) == 45.0 and calls == [2, 3]
+    # a re-exported checkpoint (new files) is read again, not served from the cache
+    text = (folder / "config.json").read_text()
+    try:
+        changed = json.loads(text)
+        changed["name"] = "renamed"
+        (folder / "config.json").write_text(json.dumps(changed))
+        os.utime(folder / "config.json", ns=(1, 10**18))
+        assert state.config("fashion_copy")["name"] == "renamed" != cfg.get("name")
+    finally:
+        (folder / "config.json").write_text(text)

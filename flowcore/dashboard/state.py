@@ -12,7 +12,9 @@ every input goes through :func:`flowcore.images.decode_image` and :func:`flowcor
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import inspect
 import io
 import logging
 import os
@@ -192,6 +194,34 @@ def need_checkpoint() -> str:
     return name
 
 
+def per_checkpoint(*, spinner: str | bool = False, max_entries: int = 64, resource: bool = False) -> Callable:
+    """Cache ``fn(name, *args)`` for the process, keyed by the checkpoint's :func:`stamp` (its folder and the
+    modification times of its files, so a re-exported checkpoint is recomputed) and the arguments; NumPy arrays
+    are made contiguous first. One decorator for every cached result of the dashboard."""
+
+    def decorate(fn: Callable) -> Callable:
+        def keyed(name: str, key: str, *args: Any) -> Any:
+            return fn(name, *args)
+
+        # Streamlit keys a cache by the function's module, qualified name and source: give each its own
+        keyed.__name__, keyed.__qualname__, keyed.__module__ = fn.__name__, fn.__qualname__, fn.__module__
+        cache = st.cache_resource if resource else st.cache_data
+        cached = cache(show_spinner=spinner, max_entries=max_entries)(keyed)
+
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def call(name: str, *args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(name, *args, **kwargs)
+            bound.apply_defaults()  # f(x) and f(x, default) share one cache entry
+            values = [np.ascontiguousarray(a) if isinstance(a, np.ndarray) else a for a in bound.arguments.values()]
+            return cached(name, stamp(name), *values[1:])
+
+        return call
+
+    return decorate
+
+
 def stamp(name: str) -> str:
     """Cache key of a checkpoint: its folder and the modification times of its files."""
     folder = resolve(name)
@@ -202,34 +232,22 @@ def stamp(name: str) -> str:
     return "|".join(parts)
 
 
-@st.cache_resource(show_spinner="Loading model...", max_entries=8)
-def _load_model(name: str, key: str) -> nn.Module:
+@per_checkpoint(spinner="Loading model...", max_entries=8, resource=True)
+def model(name: str) -> nn.Module:
+    """The checkpoint's model, loaded once per process (eval mode, CPU)."""
     return flowcore.load(name)
 
 
-def model(name: str) -> nn.Module:
-    """The checkpoint's model, loaded once per process (eval mode, CPU)."""
-    return _load_model(name, stamp(name))
-
-
-@st.cache_data(show_spinner=False, max_entries=32)
-def _config(name: str, key: str) -> dict[str, Any]:
+@per_checkpoint(max_entries=32)
+def config(name: str) -> dict[str, Any]:
+    """The checkpoint's ``config.json``."""
     return read_config(name)
 
 
-def config(name: str) -> dict[str, Any]:
-    """The checkpoint's ``config.json``."""
-    return _config(name, stamp(name))
-
-
-@st.cache_data(show_spinner=False, max_entries=16)
-def _reference(name: str, key: str) -> dict[str, np.ndarray]:
-    return load_reference(name)
-
-
+@per_checkpoint(max_entries=16)
 def reference(name: str) -> dict[str, np.ndarray]:
     """The checkpoint's per-image reference scores (``{}`` before ``flowcore evaluate``)."""
-    return _reference(name, stamp(name))
+    return load_reference(name)
 
 
 def background_name(name: str) -> str | None:
@@ -464,18 +482,14 @@ def gallery_images(dataset: str, shape: tuple[int, int, int], n: int, data_dir: 
 # --------------------------------------------------------------------------------------- model results
 
 
-@st.cache_data(show_spinner="Sampling...", max_entries=32)
-def _samples(name: str, key: str, n: int, temperature: float, seed: int) -> np.ndarray:
-    return flowcore.sample(model(name), n, temperature=temperature, seed=seed)[1]
-
-
+@per_checkpoint(spinner="Sampling...", max_entries=32)
 def samples(name: str, n: int, temperature: float, seed: int) -> np.ndarray:
     """``n`` uint8 samples of the model at ``temperature``."""
-    return _samples(name, stamp(name), int(n), float(temperature), int(seed))
+    return flowcore.sample(model(name), int(n), temperature=float(temperature), seed=int(seed))[1]
 
 
-@st.cache_data(show_spinner=False, max_entries=2048)
-def _score_one(name: str, key: str, array: np.ndarray, n_draws: int, seed: int) -> dict[str, float]:
+@per_checkpoint(max_entries=2048)
+def _score_one(name: str, array: np.ndarray, n_draws: int, seed: int) -> dict[str, float]:
     bg = background_name(name)
     ref = reference(name)
     out = compute_scores(model(name), array[None], ref or None, model(bg) if bg else None, n_draws=n_draws, seed=seed)
@@ -500,24 +514,23 @@ def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np
     """Every score of uint8 images, with the reference's draws and seed: what ``flowcore score`` gives the same
     image (the dequantization noise is keyed by the image's pixels). Cached image by image."""
     summary = config(name).get("reference") or {}
-    n_draws, seed, key = int(summary.get("n_draws", 1)), int(summary.get("seed", 0)), stamp(name)
+    n_draws, seed = int(summary.get("n_draws", 1)), int(summary.get("seed", 0))
     with st.spinner("Scoring..."):
-        rows = [_score_one(name, key, np.ascontiguousarray(a), n_draws, seed) for a in arrays]
+        rows = [_score_one(name, a, n_draws, seed) for a in arrays]
     if not rows:
         return {}
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
-@st.cache_data(show_spinner=False, max_entries=4096)
-def _feature_score(name: str, key: str, array: np.ndarray) -> float:
+@per_checkpoint(max_entries=4096)
+def _feature_score(name: str, array: np.ndarray) -> float:
     return float(image_log_likelihood(model(name), array[None])[0])
 
 
 def feature_scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
     """Log-likelihood (nats) of uint8 images under a flow on features, each image embedded alone and cached."""
-    key = stamp(name)
     with st.spinner("Embedding with EfficientNet-Lite0 and scoring..."):
-        return np.array([_feature_score(name, key, np.ascontiguousarray(a)) for a in arrays], dtype=np.float64)
+        return np.array([_feature_score(name, a) for a in arrays], dtype=np.float64)
 
 
 def pixel_counterparts(name: str) -> list[str]:
@@ -553,8 +566,8 @@ def batchnorm_companions(name: str) -> tuple[np.ndarray, str]:
     return samples(name, BATCHNORM_COMPANIONS, 0.7, 0), f"{BATCHNORM_COMPANIONS} of the model's samples"
 
 
-@st.cache_data(show_spinner="Computing latents...", max_entries=64)
-def _latent_map(name: str, key: str, array: np.ndarray, n_draws: int, batchnorm: str) -> np.ndarray:
+@per_checkpoint(spinner="Computing latents...", max_entries=64)
+def _latent_map(name: str, array: np.ndarray, n_draws: int, batchnorm: str) -> np.ndarray:
     batch = array[None]
     if batchnorm == "train":
         batch = np.concatenate([batch, batchnorm_companions(name)[0]])
@@ -565,11 +578,12 @@ def _latent_map(name: str, key: str, array: np.ndarray, n_draws: int, batchnorm:
 def latent_map(name: str, array: np.ndarray, n_draws: int = 40, batchnorm: str = "eval") -> np.ndarray:
     """Latents ``(C, H, W)`` of one image averaged over ``n_draws`` dequantizations; with BatchNorm in train mode
     the statistics are those of a batch of the image and :func:`batchnorm_companions`."""
-    return _latent_map(name, stamp(name), np.ascontiguousarray(array), int(n_draws), batchnorm)
+    return _latent_map(name, array, int(n_draws), batchnorm)
 
 
-@st.cache_data(show_spinner="Tracing couplings...", max_entries=32)
-def _trace(name: str, key: str, array: np.ndarray) -> list[dict[str, Any]]:
+@per_checkpoint(spinner="Tracing couplings...", max_entries=32)
+def trace(name: str, array: np.ndarray) -> list[dict[str, Any]]:
+    """Each coupling layer of one image: name, scale, mask and its (C, H, W) input, log_s, scale, t, output."""
     records = flowcore.coupling_trace(model(name), array)
     fields = ("input", "log_s", "scale", "t", "output", "transformed")
     return [
@@ -585,23 +599,19 @@ def _trace(name: str, key: str, array: np.ndarray) -> list[dict[str, Any]]:
     ]
 
 
-def trace(name: str, array: np.ndarray) -> list[dict[str, Any]]:
-    """Each coupling layer of one image: name, scale, mask and its (C, H, W) input, log_s, scale, t, output."""
-    return _trace(name, stamp(name), np.ascontiguousarray(array))
-
-
-@st.cache_data(show_spinner="Differentiating...", max_entries=256)
-def _jacobian(name: str, key: str, array: np.ndarray, index: tuple[int, int, int]) -> np.ndarray:
+@per_checkpoint(spinner="Differentiating...", max_entries=256)
+def _jacobian(name: str, array: np.ndarray, index: tuple[int, int, int]) -> np.ndarray:
     return flowcore.jacobian_map(model(name), array, index)
 
 
 def jacobian(name: str, array: np.ndarray, index: tuple[int, int, int]) -> np.ndarray:
     """``dz[index]/dx`` over the input, shaped ``(C, H, W)``."""
-    return _jacobian(name, stamp(name), np.ascontiguousarray(array), tuple(int(i) for i in index))
+    return _jacobian(name, array, tuple(int(i) for i in index))
 
 
-@st.cache_data(show_spinner="Computing the footprint...", max_entries=32)
-def _footprint(name: str, key: str, array: np.ndarray, n_positions: int, seed: int) -> np.ndarray:
+@per_checkpoint(spinner="Computing the footprint...", max_entries=32)
+def footprint(name: str, array: np.ndarray, n_positions: int = 64, seed: int = 0) -> np.ndarray:
+    """Mean ``|dz/dx|`` over ``n_positions`` latent positions drawn at random (``(C, H, W)``)."""
     shape = image_shape(name)
     total = int(np.prod(shape))
     rng = np.random.default_rng(seed)
@@ -610,14 +620,9 @@ def _footprint(name: str, key: str, array: np.ndarray, n_positions: int, seed: i
     return flowcore.jacobian_footprint(model(name), array, positions)
 
 
-def footprint(name: str, array: np.ndarray, n_positions: int = 64, seed: int = 0) -> np.ndarray:
-    """Mean ``|dz/dx|`` over ``n_positions`` latent positions drawn at random (``(C, H, W)``)."""
-    return _footprint(name, stamp(name), np.ascontiguousarray(array), int(n_positions), int(seed))
-
-
-@st.cache_data(show_spinner="Resampling...", max_entries=64)
+@per_checkpoint(spinner="Resampling...", max_entries=64)
 def _resampled(
-    name: str, key: str, array: np.ndarray, box: tuple[int, int, int, int], n: int, temperature: float, seed: int
+    name: str, array: np.ndarray, box: tuple[int, int, int, int], n: int, temperature: float, seed: int
 ) -> np.ndarray:
     return flowcore.resample_patch(model(name), array, box=box, n=n, temperature=temperature, seed=seed)
 
@@ -626,8 +631,7 @@ def resampled(
     name: str, array: np.ndarray, box: tuple[int, int, int, int], n: int, temperature: float, seed: int
 ) -> np.ndarray:
     """``n`` images ``(n, C, H, W)`` in [0, 1] with the latents inside ``box`` redrawn at ``temperature``."""
-    b = tuple(int(v) for v in box)
-    return _resampled(name, stamp(name), np.ascontiguousarray(array), b, int(n), float(temperature), int(seed))
+    return _resampled(name, array, tuple(int(v) for v in box), int(n), float(temperature), int(seed))
 
 
 def box_default(shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
