@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -46,6 +46,9 @@ __all__ = [
     "find_image_files",
     "is_grayscale",
     "load_image_file",
+    "encode_png",
+    "thumbnail",
+    "perturb",
     "preprocess",
 ]
 
@@ -250,6 +253,56 @@ def load_image_file(
 ) -> Preprocessed:
     """Decode and preprocess one file: what ``flowcore score`` does for each path it is given."""
     return preprocess(decode_image(path), image_shape, invert=invert, fit=fit)
+
+
+# ------------------------------------------------------------------------------ display and edits
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """uint8 ``(H, W)`` / ``(H, W, 3)`` -> PNG bytes (lossless)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def thumbnail(array: np.ndarray, size: int = 256) -> np.ndarray:
+    """Downscale a large image for display to ``size`` pixels; small ones are enlarged with square pixels."""
+    a = np.asarray(array)
+    if a.dtype != np.uint8:
+        a = np.clip(a, 0, 255).astype(np.uint8)
+    h, w = a.shape[:2]
+    img = Image.fromarray(a)
+    if max(h, w) > size:
+        scale = size / max(h, w)
+        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
+    elif max(h, w) < size // 2:
+        k = max(1, (size // 2) // max(h, w))
+        img = img.resize((w * k, h * k), Image.Resampling.NEAREST)
+    return np.asarray(img)
+
+
+def perturb(
+    image: np.ndarray,
+    noise: float = 0.0,
+    brightness: float = 0.0,
+    contrast: float = 1.0,
+    blur: float = 0.0,
+    invert: bool = False,
+    seed: int = 0,
+) -> np.ndarray:
+    """Edit a uint8 image: Gaussian blur (radius in pixels), contrast about mid-grey, brightness offset,
+    Gaussian pixel noise (std in grey levels), then inversion; rounded and clipped back to uint8."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise ValueError(f"perturb needs a uint8 image, got {a.dtype}")
+    if blur > 0:
+        a = np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(radius=float(blur))))
+    x = a.astype(np.float64)
+    x = (x - 127.5) * float(contrast) + 127.5 + float(brightness)
+    if noise > 0:
+        x = x + np.random.default_rng(seed).normal(0.0, float(noise), size=x.shape)
+    out = np.clip(np.round(x), 0, 255).astype(np.uint8)
+    return 255 - out if invert else out
 
 
 # --------------------------------------------------------------------------------------------- helpers

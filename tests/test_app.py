@@ -20,6 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
+from flowcore import images
 from flowcore.config import describe_architecture
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,21 +439,21 @@ def test_picker_jacobian_and_curve() -> None:
 
 def test_perturb_and_helpers() -> None:
     x = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
-    assert np.array_equal(state.perturb(x), x)
-    assert np.array_equal(state.perturb(x, invert=True), 255 - x)
-    bright = state.perturb(x, brightness=300)
+    assert np.array_equal(images.perturb(x), x)
+    assert np.array_equal(images.perturb(x, invert=True), 255 - x)
+    bright = images.perturb(x, brightness=300)
     assert bright.dtype == np.uint8 and bright.min() == 255
-    flat = state.perturb(x, contrast=0.0)
+    flat = images.perturb(x, contrast=0.0)
     assert np.all(flat == 128)
-    noisy = state.perturb(x, noise=10, seed=3)
-    assert np.array_equal(noisy, state.perturb(x, noise=10, seed=3)) and not np.array_equal(noisy, x)
-    assert state.perturb(x, blur=2.0).std() < x.std()
+    noisy = images.perturb(x, noise=10, seed=3)
+    assert np.array_equal(noisy, images.perturb(x, noise=10, seed=3)) and not np.array_equal(noisy, x)
+    assert images.perturb(x, blur=2.0).std() < x.std()
     with pytest.raises(ValueError):
-        state.perturb(x.astype(np.float32))
+        images.perturb(x.astype(np.float32))
     assert "RealNVP, 2 scales" in describe_architecture(TINY)
     assert "Glow" in describe_architecture({"arch": "glow", "image_shape": [3, 32, 32], "scales": 3, "steps": 8})
-    assert state.thumbnail(np.zeros((28, 28), np.uint8)).shape == (112, 112)
-    assert max(state.thumbnail(np.zeros((1000, 500, 3), np.uint8)).shape[:2]) == 256
+    assert images.thumbnail(np.zeros((28, 28), np.uint8)).shape == (112, 112)
+    assert max(images.thumbnail(np.zeros((1000, 500, 3), np.uint8)).shape[:2]) == 256
 
 
 def test_gallery_works_without_data_dir_from_bundled_examples(
@@ -501,7 +502,7 @@ def test_perturbation_sentence_is_measured_on_the_current_model(env: tuple[Path,
     kw = {"n_draws": summary["n_draws"], "seed": summary["seed"]}
     base = flowcore.bits_per_dim(model, image[None], **kw)[0]
     for words, settings in PROBES:
-        delta = flowcore.bits_per_dim(model, state.perturb(image, **settings)[None], **kw)[0] - base
+        delta = flowcore.bits_per_dim(model, images.perturb(image, **settings)[None], **kw)[0] - base
         effect = "more likely" if delta < 0 else "less likely"
         assert f"{words} makes it {effect} ({delta:+.3f} bits/dim)" in text, text
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from flowcore import images
 from flowcore.dashboard import state
 from flowcore.inspection import box_change_shares, influence_concentration, latent_image_correlation
 from flowcore.likelihood import as_image_tensor
@@ -41,7 +42,7 @@ def likelihood_finding(name: str) -> str:
 
 def measured_edits(name: str, image: np.ndarray) -> str:
     """One sentence, from scores computed now, on what each probe edit does to this image's bits/dim."""
-    batch = np.stack([image] + [state.perturb(image, **settings) for _, settings in PROBES])
+    batch = np.stack([image] + [images.perturb(image, **settings) for _, settings in PROBES])
     bpd = state.scores(name, batch)["bpd"]
     parts = []
     for (words, _), value in zip(PROBES, bpd[1:], strict=True):

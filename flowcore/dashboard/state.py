@@ -1,56 +1,70 @@
-"""Dashboard state: cached model loading, the inputs shared by every page, cached per-image analysis.
+"""Dashboard state: which checkpoint is shown, and every result computed for it, cached.
 
-Models are loaded once per process (``st.cache_resource``, keyed by the checkpoint's folder and the
-modification times of its files, so a re-exported checkpoint is picked up). Every per-image result is
-cached with ``st.cache_data``, keyed by the image bytes / arrays, the checkpoint and the options. The
-maths all lives in :mod:`flowcore`; this module only calls it and keeps the results.
-
-Inputs live in ``st.session_state``: the sidebar uploader's files plus images added from the gallery,
-the model's samples, the drawing canvas or the perturbation explorer (all kept as encoded bytes, so
-every input goes through :func:`flowcore.images.decode_image` and :func:`flowcore.images.preprocess`).
+Every cached result goes through one decorator, :func:`per_checkpoint`: models are loaded once per process, and
+per-image results are keyed by the checkpoint's files (a re-exported checkpoint is recomputed), the image and the
+options. The maths all lives in :mod:`flowcore`; this module only calls it and keeps the results. The page guard
+(:mod:`flowcore.dashboard.guard`) and the shared inputs (:mod:`flowcore.dashboard.inputs`) have their own
+modules; their names are re-exported here, so a page needs ``state`` alone.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
-import io
-import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import streamlit as st
-from PIL import Image, ImageFilter
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import flowcore
-from flowcore.checkpoints import CheckpointError, checkpoints_dir, list_checkpoints, read_config, resolve
+from flowcore.checkpoints import DEFAULT_MODEL, CheckpointError, checkpoints_dir, list_checkpoints, read_config, resolve
+
+# the page guard and the shared inputs, re-exported so that a page needs ``state`` alone
+from flowcore.dashboard.guard import LOG, NoCheckpoint, one_line, run_page
+from flowcore.dashboard.inputs import (
+    ADDED_KEY,
+    CURRENT_KEY,
+    FIT_KEY,
+    IMAGE_TYPES,
+    INVERT_KEY,
+    UPLOAD_KEY,
+    InputImage,
+    Prepared,
+    add_inputs,
+    all_inputs,
+    clear_added,
+    prepare,
+    prepared_inputs,
+    preprocessing_options,
+    remove_input,
+    show_input_errors,
+)
 from flowcore.data import DATASETS, EXAMPLE_SETS, DatasetNotFound, load_examples, load_images
 from flowcore.evaluate import auroc_table, default_ood_sets, load_reference, set_label
-from flowcore.images import IMAGE_SUFFIXES, ImageError, decode_image, preprocess
 from flowcore.inspection import default_box
 from flowcore.likelihood import nats_to_bpd
 from flowcore.scores import SCORE_NAMES, compute_scores
 from flowcore.vectors import image_log_likelihood
 
 __all__ = [
+    "LOG", "NoCheckpoint", "one_line", "run_page",
+    "ADDED_KEY", "CURRENT_KEY", "FIT_KEY", "IMAGE_TYPES", "INVERT_KEY", "UPLOAD_KEY", "InputImage", "Prepared",
+    "add_inputs", "all_inputs", "clear_added", "prepare", "prepared_inputs", "preprocessing_options",
+    "remove_input", "show_input_errors",
     "DEFAULT_CHECKPOINT",
-    "IMAGE_TYPES",
-    "InputImage",
-    "Prepared",
-    "NoCheckpoint",
-    "run_page",
-    "one_line",
+    "CHECKPOINT_KEY",
     "no_checkpoint_message",
+    "is_feature_flow",
+    "feature_checkpoints",
     "checkpoint_options",
     "default_checkpoint",
     "selected_checkpoint",
     "need_checkpoint",
+    "per_checkpoint",
     "stamp",
     "model",
     "config",
@@ -63,72 +77,24 @@ __all__ = [
     "score_values",
     "to_units",
     "image_shape",
-    "encode_png",
-    "prepare",
-    "all_inputs",
-    "add_inputs",
-    "remove_input",
-    "clear_added",
-    "prepared_inputs",
-    "preprocessing_options",
-    "show_input_errors",
     "current_image",
     "gallery_sets",
     "gallery_images",
     "samples",
     "scores",
     "finite_scores",
+    "feature_scores",
+    "pixel_counterparts",
     "latent_map",
     "trace",
     "jacobian",
     "footprint",
     "resampled",
     "box_default",
-    "perturb",
-    "thumbnail",
 ]
 
-LOG = logging.getLogger("flowcore.app")
-DEFAULT_CHECKPOINT = "fashion_realnvp"
-IMAGE_TYPES = [s.lstrip(".") for s in IMAGE_SUFFIXES]  # the uploader's list: flowcore.images' formats
-ADDED_KEY = "added_inputs"
-UPLOAD_KEY = "uploads"
+DEFAULT_CHECKPOINT = DEFAULT_MODEL
 CHECKPOINT_KEY = "checkpoint"
-CURRENT_KEY = "current_input"
-INVERT_KEY = "invert"
-FIT_KEY = "fit"
-DISPLAY_MAX = 256  # preprocessing steps larger than this are shown downscaled
-
-
-# ------------------------------------------------------------------------------------------ page guard
-
-
-class NoCheckpoint(Exception):
-    """No checkpoint to show (the page already said so)."""
-
-
-def one_line(e: BaseException) -> str:
-    """An exception as one short line for ``st.error``."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text if len(text) <= 400 else text[:397] + "..."
-
-
-def run_page(body: Callable[[], None]) -> None:
-    """Run a page body; expected failures become one ``st.error`` line, never a traceback."""
-    try:
-        body()
-    except NoCheckpoint:
-        pass
-    except (ImageError, CheckpointError, DatasetNotFound) as e:
-        st.error(one_line(e))
-    except (ValueError, IndexError, OSError) as e:
-        LOG.warning("page could not be shown: %s", one_line(e), exc_info=True)  # the traceback, server-side only
-        st.error(f"Cannot show this view: {one_line(e)}")
-    except Exception as e:  # an unexpected failure: a friendly line, the detail folded away, no traceback
-        LOG.exception("unexpected error in a page")
-        st.error("This view hit an unexpected problem. Try another image, model or setting.")
-        with st.expander("Details"):
-            st.code(f"{type(e).__name__}: {one_line(e)}", language=None)
 
 
 # ---------------------------------------------------------------------------------------- checkpoints
@@ -302,133 +268,6 @@ def score_values(name: str, score: str, units: str = "nats") -> dict[str, np.nda
     ref = reference(name)
     dims = int(np.prod(image_shape(name)))
     return {s: np.asarray(to_units(ref[f"{s}__{score}"], score, units, dims)) for s in reference_sets(name, score)}
-
-
-# --------------------------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class InputImage:
-    """One input: encoded image bytes, where it came from, and whether it is taken as is (never inverted)."""
-
-    name: str
-    data: bytes = field(repr=False)
-    source: str = "upload"
-    as_is: bool = False
-
-    @property
-    def key(self) -> str:
-        return hashlib.sha1(self.data).hexdigest()[:16] + ":" + self.name
-
-
-@dataclass
-class Prepared:
-    """What the model is given for one input: the uint8 array and each preprocessing step (for display)."""
-
-    array: np.ndarray
-    steps: list[tuple[str, np.ndarray]]
-    inverted: bool
-    size: tuple[int, int]
-    format: str
-
-
-def encode_png(array: np.ndarray) -> bytes:
-    """uint8 ``(H, W)`` / ``(H, W, 3)`` -> PNG bytes (lossless)."""
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def thumbnail(array: np.ndarray, size: int = DISPLAY_MAX) -> np.ndarray:
-    """Downscale a large step image for display; small images are enlarged with square pixels."""
-    a = np.asarray(array)
-    if a.dtype != np.uint8:
-        a = np.clip(a, 0, 255).astype(np.uint8)
-    h, w = a.shape[:2]
-    img = Image.fromarray(a)
-    if max(h, w) > size:
-        scale = size / max(h, w)
-        img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.LANCZOS)
-    elif max(h, w) < size // 2:
-        k = max(1, (size // 2) // max(h, w))
-        img = img.resize((w * k, h * k), Image.Resampling.NEAREST)
-    return np.asarray(img)
-
-
-@st.cache_data(show_spinner=False, max_entries=512)
-def prepare(data: bytes, shape: tuple[int, int, int], invert: str = "auto", fit: str = "crop") -> Prepared:
-    """Decode and preprocess one input for a model of ``shape`` (raises ImageError with one clear line)."""
-    img = decode_image(data)
-    p = preprocess(img, shape, invert=invert, fit=fit)
-    try:
-        original = np.asarray(img if img.mode in ("L", "RGB", "RGBA") else img.convert("RGBA"))
-    except (OSError, ValueError):
-        original = p.steps[0][1]
-    size = img.info.get("original_size", img.size)  # a large file is decoded at a reduced working size
-    label = f"original: {img.format or 'image'} {img.mode} {size[0]}x{size[1]}"
-    shown = [(label, thumbnail(original))] + [(step, thumbnail(a)) for step, a in p.steps]
-    return Prepared(p.array, shown, p.inverted, tuple(size), img.format or "")
-
-
-def _added() -> list[InputImage]:
-    return st.session_state.setdefault(ADDED_KEY, [])
-
-
-def all_inputs() -> list[InputImage]:
-    """Uploaded files (sidebar) then added images (gallery, samples, drawing, perturbations), no duplicates."""
-    out: list[InputImage] = []
-    for f in st.session_state.get(UPLOAD_KEY) or []:
-        out.append(InputImage(f.name, f.getvalue(), "upload"))
-    out += _added()
-    seen: set[str] = set()
-    unique = []
-    for item in out:
-        if item.key not in seen:
-            seen.add(item.key)
-            unique.append(item)
-    return unique
-
-
-def add_inputs(items: Sequence[InputImage]) -> None:
-    added = _added()
-    keys = {i.key for i in added}
-    added += [i for i in items if i.key not in keys]
-    if items:
-        st.session_state[CURRENT_KEY] = items[0].key
-
-
-def remove_input(key: str) -> None:
-    st.session_state[ADDED_KEY] = [i for i in _added() if i.key != key]
-
-
-def clear_added() -> None:
-    st.session_state[ADDED_KEY] = []
-
-
-def preprocessing_options() -> tuple[str, str]:
-    return st.session_state.get(INVERT_KEY, "auto"), st.session_state.get(FIT_KEY, "crop")
-
-
-def prepared_inputs(
-    shape: tuple[int, int, int], inputs: Sequence[InputImage] | None = None
-) -> tuple[list[tuple[InputImage, Prepared]], list[tuple[str, str]]]:
-    """Every input prepared for ``shape`` and the ``(name, reason)`` of those that cannot be read."""
-    invert, fit = preprocessing_options()
-    good, bad = [], []
-    for item in all_inputs() if inputs is None else inputs:
-        try:
-            good.append((item, prepare(item.data, tuple(shape), "no" if item.as_is else invert, fit)))
-        except ImageError as e:
-            reason = one_line(e)
-            reason = reason[len("image: ") :] if reason.startswith("image: ") else reason
-            bad.append((item.name, reason))
-    return good, bad
-
-
-def show_input_errors(errors: Sequence[tuple[str, str]]) -> None:
-    """One ``st.error`` line per input that cannot be read."""
-    for name, reason in errors:
-        st.error(f"{name}: {reason}")
 
 
 def current_image(name: str) -> tuple[str, np.ndarray]:
@@ -636,30 +475,3 @@ def resampled(
 
 def box_default(shape: tuple[int, int, int]) -> tuple[int, int, int, int]:
     return default_box(shape[1], shape[2])
-
-
-# ---------------------------------------------------------------------------------------- image edits
-
-
-def perturb(
-    image: np.ndarray,
-    noise: float = 0.0,
-    brightness: float = 0.0,
-    contrast: float = 1.0,
-    blur: float = 0.0,
-    invert: bool = False,
-    seed: int = 0,
-) -> np.ndarray:
-    """Edit a uint8 image: Gaussian blur (radius in pixels), contrast about mid-grey, brightness offset,
-    Gaussian pixel noise (std in grey levels), then inversion; rounded and clipped back to uint8."""
-    a = np.asarray(image)
-    if a.dtype != np.uint8:
-        raise ValueError(f"perturb needs a uint8 image, got {a.dtype}")
-    if blur > 0:
-        a = np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(radius=float(blur))))
-    x = a.astype(np.float64)
-    x = (x - 127.5) * float(contrast) + 127.5 + float(brightness)
-    if noise > 0:
-        x = x + np.random.default_rng(seed).normal(0.0, float(noise), size=x.shape)
-    out = np.clip(np.round(x), 0, 255).astype(np.uint8)
-    return 255 - out if invert else out

@@ -6,6 +6,7 @@ import os
 
 import streamlit as st
 
+from flowcore import images
 from flowcore.dashboard import state
 from flowcore.data import DatasetNotFound
 from flowcore.evaluate import set_label
@@ -54,17 +55,17 @@ def gallery(name: str) -> None:
         label = set_label(ds)
         kind = "in-distribution" if ds == dataset else "OOD"
         try:
-            images, bundled = state.gallery_images(ds, shape, GALLERY_N, data_dir)
+            examples, bundled = state.gallery_images(ds, shape, GALLERY_N, data_dir)
         except (DatasetNotFound, ValueError, OSError) as e:
             st.markdown(f"**{label}** ({kind}): not available.")
             st.caption(state.one_line(e))
             continue
         st.markdown(f"**{label}** ({kind}{', bundled examples' if bundled else ''})")
         cols = st.columns([6, 1])
-        cols[0].image([state.thumbnail(x, 84) for x in images], width=84)
+        cols[0].image([images.thumbnail(x, 84) for x in examples], width=84)
         items = [
-            state.InputImage(f"{label} #{i}", state.encode_png(x), f"gallery: {label}", as_is=True)
-            for i, x in enumerate(images)
+            state.InputImage(f"{label} #{i}", images.encode_png(x), f"gallery: {label}", as_is=True)
+            for i, x in enumerate(examples)
         ]
         cols[1].button(f"Add these {len(items)}", key=f"add_{label}", on_click=state.add_inputs, args=(items,))
 
@@ -74,9 +75,9 @@ def gallery(name: str) -> None:
     seed = int(c2.number_input("Seed", 0, 10_000, 0, key="gallery_seed"))
     x = state.samples(name, GALLERY_N, temperature, seed)
     cols = st.columns([6, 1])
-    cols[0].image([state.thumbnail(s, 84) for s in x], width=84)
+    cols[0].image([images.thumbnail(s, 84) for s in x], width=84)
     items = [
-        state.InputImage(f"sample T={temperature:g} seed={seed} #{i}", state.encode_png(s), "sample", as_is=True)
+        state.InputImage(f"sample T={temperature:g} seed={seed} #{i}", images.encode_png(s), "sample", as_is=True)
         for i, s in enumerate(x)
     ]
     cols[1].button("Add samples", key="add_samples", on_click=state.add_inputs, args=(items,))

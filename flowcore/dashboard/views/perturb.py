@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from flowcore import images
 from flowcore.dashboard import figures, measure, state
 from flowcore.scores import ood_threshold, percentile_of, verdict
 
@@ -37,11 +38,11 @@ def main() -> None:
     }
     invert = c[4].checkbox("Invert", key="pt_invert")
     seed = int(c[5].number_input("Noise seed", 0, 10_000, 0, key="pt_seed"))
-    edited = state.perturb(image, **settings, invert=invert, seed=seed)
+    edited = images.perturb(image, **settings, invert=invert, seed=seed)
 
     vary = st.radio("Likelihood curve against", list(LEVELS), horizontal=True, key="pt_vary")
     levels = LEVELS[vary]
-    batch = [image, edited] + [state.perturb(image, **{**settings, vary: v}, invert=invert, seed=seed) for v in levels]
+    batch = [image, edited] + [images.perturb(image, **{**settings, vary: v}, invert=invert, seed=seed) for v in levels]
     s = state.scores(name, np.stack(batch))
     bpd = s["bpd"]
     ref = state.reference(name)
@@ -74,7 +75,7 @@ def main() -> None:
     item = state.InputImage(
         f"{label} edited (n{settings['noise']:g} b{settings['brightness']:g} c{settings['contrast']:g} "
         f"blur{settings['blur']:g}{' inv' if invert else ''})",
-        state.encode_png(edited),
+        images.encode_png(edited),
         "perturbed",
         as_is=True,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
+from flowcore import images
 from flowcore.dashboard import figures, state
 
 
@@ -29,7 +30,7 @@ def main() -> None:
         text += f"; of the test images: {np.median(ref['test__bpd']):.3f}."
     st.caption(text)
     items = [
-        state.InputImage(f"sample T={temperature:g} seed={seed} #{i}", state.encode_png(a), "sample", as_is=True)
+        state.InputImage(f"sample T={temperature:g} seed={seed} #{i}", images.encode_png(a), "sample", as_is=True)
         for i, a in enumerate(x)
     ]
     st.button("Add these samples to the inputs", key="samples_add", on_click=state.add_inputs, args=(items,))

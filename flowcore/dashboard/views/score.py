@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from flowcore import images
 from flowcore.dashboard import figures, measure, state
 from flowcore.scores import (
     SCORE_DESCRIPTIONS,
@@ -91,7 +92,7 @@ def main() -> None:
         item, prepared = good[i]
         st.subheader(f"{item.name}")
         left, right = st.columns([1, 4])
-        left.image(state.thumbnail(prepared.array, 160), caption="what the model sees")
+        left.image(images.thumbnail(prepared.array, 160), caption="what the model sees")
         # three numbers in a row, the verdict on its own: "in-distribution" must not be cut on a 1024x768 projector
         m = [*right.columns(3), right.container()]
         m[0].metric("log-likelihood (nats)", f"{ll[i]:,.1f}")
