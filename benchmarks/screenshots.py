@@ -66,6 +66,7 @@ PAGES = (
     PageSpec("inputs", "inputs", "Inputs", 0),
     PageSpec("compare", "compare", "Compare models", 2),
     PageSpec("perturb", "perturb", "Perturbation explorer", 2),
+    PageSpec("features", "features", "What works: features", 0),
     PageSpec("latents", "latents", "Latents", 1),
     PageSpec("couplings", "couplings", "Coupling layers", 1),
     PageSpec("receptive_field", "receptive_field", "Receptive field", 2),
