@@ -288,7 +288,7 @@ def export_folder(run_dir: Path, export_dir: str | os.PathLike | None, replace: 
 def drop_derived_files(folder: Path) -> None:
     """Before new weights land in ``folder``: remove what was computed from the old ones (reference
     statistics, histogram, model card, and the ``reference`` summary and ``data_note`` in ``config.json``)."""
-    for derived in ("reference.npz", "histogram.png", "README.md"):
+    for derived in ("reference.npz", "histogram.png", "README.md", "projection.npz"):
         (folder / derived).unlink(missing_ok=True)
     cfg_path = folder / CONFIG
     if cfg_path.is_file():

@@ -25,7 +25,10 @@ from .data import DatasetNotFound, load_images
 from .models import build
 from .train import RunLog, TrainConfig, drop_derived_files, export_folder, lr_at, optimizer_for
 
-__all__ = ["cache_dir", "dataset_features", "train_vectors", "log_likelihood", "image_log_likelihood", "input_shape"]
+__all__ = [
+    "cache_dir", "dataset_features", "train_vectors", "log_likelihood", "image_log_likelihood", "input_shape",
+    "feature_projection", "project", "PROJECTION",
+]
 
 
 def dataset_features(
@@ -192,6 +195,7 @@ def evaluate_vectors(
         except DatasetNotFound as e:
             skipped[set_label(name)] = str(e)
     reference = {f"{name}__likelihood": log_likelihood(model, x) for name, x in sets.items()}
+    projection = feature_projection(sets)
     nll = -reference["test__likelihood"] / model.config.dim
     summary = {
         "nll_per_feature_mean": round(float(np.mean(nll)), 5),
@@ -201,4 +205,28 @@ def evaluate_vectors(
     }
     if not math.isfinite(summary["nll_per_feature_mean"]):
         raise ValueError(f"{folder}: non-finite test log-likelihoods; the model is broken")
+    atomic_write(folder / PROJECTION, lambda tmp: np.savez(tmp, **projection), suffix=".npz")
     return reference, summary
+
+
+PROJECTION = "projection.npz"  # a feature flow's 2-D PCA view of its reference sets (for the dashboard)
+PROJECTION_POINTS = 500  # per set
+
+
+def feature_projection(sets: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The 2-D principal-component view of reference features: the mean and the two leading directions of the
+    training features, and the first :data:`PROJECTION_POINTS` of each set projected on them (``{set}``)."""
+    train = np.asarray(sets["train"], dtype=np.float64)
+    mean = train.mean(axis=0)
+    _, _, vt = np.linalg.svd(train - mean, full_matrices=False)
+    components = vt[:2]
+    out = {"mean": mean.astype(np.float32), "components": components.astype(np.float32)}
+    for name, x in sets.items():
+        out[f"set__{name}"] = project(x[:PROJECTION_POINTS], out)
+    return out
+
+
+def project(features: np.ndarray, projection: dict[str, np.ndarray]) -> np.ndarray:
+    """Features ``(N, 1280)`` on the two principal directions of :func:`feature_projection` (``(N, 2)``)."""
+    x = np.asarray(features, dtype=np.float64) - projection["mean"]
+    return (x @ np.asarray(projection["components"], dtype=np.float64).T).astype(np.float32)

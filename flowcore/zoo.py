@@ -26,7 +26,7 @@ __all__ = ["MANIFEST", "ZOO_URL_ENV", "manifest", "make_manifest", "zoo_rows", "
 MANIFEST = BUNDLED / "manifest.json"
 ZOO_URL_ENV = "FLOWCORE_ZOO_URL"
 # the files of a checkpoint folder that travel (the model card and histogram are derived but useful offline)
-FILES = ("model.safetensors", "config.json", "reference.npz", "README.md", "histogram.png")
+FILES = ("model.safetensors", "config.json", "reference.npz", "README.md", "histogram.png", "projection.npz")
 
 
 def manifest(path: Path | None = None) -> dict[str, dict[str, dict[str, Any]]]:

@@ -642,6 +642,19 @@ def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: 
     assert yours.loc["face.png", "features: percentile"] == pytest.approx(float(expected), abs=0.01)
     assert "pixels: verdict" in yours.columns
 
+    # the upload is a star on the 2-D view, at its features' projection on the stored principal directions
+    from conftest import fake_extract
+
+    from flowcore.vectors import project
+
+    with np.load(ckpts / "rgb_embeddings" / "projection.npz") as d:
+        projection = {k: d[k] for k in d.files}
+    want = project(fake_extract(faces[:1]), projection)[0]
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    stars = [t for spec in specs for t in spec["data"] if t.get("name") == "face.png" and t.get("mode") == "markers"]
+    assert len(stars) == 1 and stars[0]["x"][0] == pytest.approx(float(want[0]), rel=1e-4)
+    assert any(t.get("name") == "face.png" and t.get("mode") == "lines" for spec in specs for t in spec["data"])
+
     threshold = ood_threshold(reference, 0.05)
     examples = next(d.value for d in at.dataframe if d.value.index.name == "set")
     for name in EXAMPLE_SETS:

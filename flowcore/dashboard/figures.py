@@ -448,3 +448,28 @@ def curve(
         showlegend=False,
     )
     return fig
+
+
+def projection_figure(
+    sets: Mapping[str, np.ndarray], markers: Sequence[tuple[str, tuple[float, float]]] = (), height: int = 420
+) -> go.Figure:
+    """Reference points of each set ``(N, 2)`` on two principal directions, and each marked image as a star."""
+    fig = go.Figure()
+    ood_index = 0
+    for name, points in sets.items():
+        colour = set_colour(name, ood_index)
+        if name not in SET_COLOURS:
+            ood_index += 1
+        p = np.asarray(points, dtype=np.float64)
+        fig.add_trace(go.Scattergl(x=p[:, 0], y=p[:, 1], mode="markers", name=f"{name} (n={len(p)})",
+                                   marker={"color": colour, "size": 4, "opacity": 0.5},
+                                   hovertemplate=f"{name}<extra></extra>"))
+    for j, (label, (x, y)) in enumerate(markers):
+        colour = MARKER_COLOURS[j % len(MARKER_COLOURS)]
+        fig.add_trace(go.Scatter(x=[x], y=[y], mode="markers", name=label,
+                                 marker={"color": colour, "size": 16, "symbol": "star",
+                                         "line": {"color": "white", "width": 1}},
+                                 hovertemplate=f"{label}<extra></extra>"))
+    fig.update_layout(xaxis_title="principal direction 1", yaxis_title="principal direction 2", height=height,
+                      margin={"l": 50, "r": 10, "t": 10, "b": 50}, legend={"orientation": "h", "y": -0.2})
+    return fig

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import flowcore
+from flowcore import embeddings
 from flowcore.checkpoints import DEFAULT_MODEL, CheckpointError, checkpoints_dir, list_checkpoints, read_config, resolve
 
 # the page guard and the shared inputs, re-exported so that a page needs ``state`` alone
@@ -84,6 +85,8 @@ __all__ = [
     "scores",
     "finite_scores",
     "feature_scores",
+    "features",
+    "resolve",
     "pixel_counterparts",
     "latent_map",
     "trace",
@@ -364,6 +367,16 @@ def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np
 @per_checkpoint(max_entries=4096)
 def _feature_score(name: str, array: np.ndarray) -> float:
     return float(image_log_likelihood(model(name), array[None])[0])
+
+
+@per_checkpoint(max_entries=4096)
+def _features(name: str, array: np.ndarray) -> np.ndarray:
+    return embeddings.extract(array[None])[0]
+
+
+def features(name: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """The extractor's features ``(N, 1280)`` of uint8 images, each embedded alone and cached."""
+    return np.stack([_features(name, a) for a in arrays])
 
 
 def feature_scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:

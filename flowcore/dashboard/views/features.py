@@ -9,11 +9,12 @@ import pandas as pd
 import streamlit as st
 
 from flowcore.checkpoints import checkpoints_dir
-from flowcore.dashboard import measure, state
+from flowcore.dashboard import figures, measure, state
 from flowcore.data import EXAMPLE_SETS, load_examples
 from flowcore.embeddings import ExtractorMissing, load_extractor
 from flowcore.evaluate import set_label
 from flowcore.scores import is_ood, ood_threshold, percentile_of
+from flowcore.vectors import PROJECTION, project
 
 
 def auroc_frame(name: str, pixel_flows: list[str]) -> pd.DataFrame:
@@ -34,6 +35,37 @@ def verdict_of(value: float, threshold: float) -> str:
     return "OOD" if is_ood(value, threshold) else "in-distribution" if np.isfinite(value) else "no verdict (NaN)"
 
 
+def draw_reference(name: str, ref: dict[str, np.ndarray], marks: list[tuple[str, float]],
+                   arrays: list[np.ndarray]) -> None:
+    """The reference sets' feature log-likelihoods with each image marked, and the 2-D view of their features."""
+    sets = {s: ref[f"{s}__likelihood"] for s in state.reference_sets(name)}
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Log-likelihood of the features** (higher = more in-distribution)")
+        # OOD features can be millions of nats below the test set: the axis is cut at the 1st percentile of the
+        # pooled reference values, and values below it are drawn at the cut (stated in the caption)
+        cut = float(np.percentile(np.concatenate(list(sets.values())), 1))
+        clipped = {k: np.maximum(v, cut) for k, v in sets.items()}
+        fig = figures.histogram(clipped, [(m, max(v, cut)) for m, v in marks[:12]], xlabel="log-likelihood, nats")
+        st.plotly_chart(fig, key="features_hist")
+        st.caption(f"Values below {cut:.4g} nats (the lowest 1 % of the reference values) are drawn at it.")
+    with right:
+        folder = state.resolve(name)
+        if not (folder / PROJECTION).is_file():
+            st.caption(f"No 2-D view stored: run `flowcore evaluate {name}`.")
+            return
+        with np.load(folder / PROJECTION, allow_pickle=False) as d:
+            projection = {k: d[k] for k in d.files}
+        points = {k[len("set__"):]: v for k, v in projection.items() if k.startswith("set__")}
+        stars = []
+        if arrays:
+            features = state.features(name, arrays)
+            stars = [(m, tuple(float(c) for c in xy)) for (m, _), xy in zip(marks[:12], project(features, projection),
+                                                                            strict=False)]
+        st.markdown("**Features on their two main directions** (PCA of the training features)")
+        st.plotly_chart(figures.projection_figure(points, stars), key="features_pca")
+
+
 def main() -> None:
     st.title("What works: flows on features")
     names = state.feature_checkpoints()
@@ -47,6 +79,11 @@ def main() -> None:
         st.info(f"This page needs the image feature extractor: {e}.")
         return
     c1, c2, c3 = st.columns([2, 2, 2])
+    if st.session_state.get("features_flow") not in names:  # start on the flow trained on the sidebar model's data
+        shown = state.selected_checkpoint()
+        dataset = state.config(shown).get("dataset") if shown else None
+        st.session_state["features_flow"] = next(
+            (n for n in names if state.config(n).get("dataset") == dataset), names[0])
     name = c1.selectbox("Flow on features", names, key="features_flow",
                         format_func=lambda n: f"{n} ({set_label(str(state.config(n).get('dataset', '?')))})")
     pixel_flows = state.pixel_counterparts(name)
@@ -96,10 +133,13 @@ def main() -> None:
             rows.append(row)
         if rows:
             st.dataframe(pd.DataFrame(rows).set_index("image"), width="stretch")
+        draw_reference(name, ref, [(item.name, float(v)) for (item, _), v in zip(good, ll, strict=True)],
+                       [p.array for _, p in good])
         st.caption(f"Each image is first brought to {shape[1]}x{shape[2]} (centre crop), like the training images, "
                    "then embedded on its own. Percentile: share of the model's test images with a lower likelihood.")
     else:
         st.caption("No image yet: upload some in the sidebar or add them on the Inputs page.")
+        draw_reference(name, ref, [], [])
 
     st.subheader("The bundled examples")
     rows = []
