@@ -160,6 +160,9 @@ def describe_architecture(model_cfg: dict[str, Any]) -> str:
     arch = model_cfg.get("arch", "?")
     shape = "x".join(str(v) for v in model_cfg.get("image_shape") or [])
     hidden, blocks = model_cfg.get("hidden"), model_cfg.get("blocks")
+    if arch == "realnvp_tabular":
+        return (f"tabular RealNVP, {model_cfg.get('couplings')} half-mask couplings, MLP st-nets of {blocks} x "
+                f"{hidden} units; input {model_cfg.get('dim')}-d vectors")
     if arch == "glow":
         text = f"Glow, {model_cfg.get('scales')} scales x {model_cfg.get('steps')} steps, st-net width {hidden}"
         if model_cfg.get("net") == "highway":

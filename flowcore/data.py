@@ -218,9 +218,24 @@ OFFICIAL_FILES: dict[str, tuple[RemoteFile, ...]] = {
         ],
         _TFDS.format("svhn_cropped"),
     ),
+    # tabular (App. K.3; flowcore.tabular reads it): the official UCI file, digest from a Git-LFS pointer to it
+    "miniboone": (
+        RemoteFile(
+            "MiniBooNE_PID.txt",
+            ("https://archive.ics.uci.edu/ml/machine-learning-databases/00199/MiniBooNE_PID.txt",),
+            "577ab8bcb612199a0386cef1725058295df9a18b778a003a6a4349bbd51abd48",
+            91_174_877,
+            source="a Git-LFS pointer to the official file in a public repository",
+        ),
+    ),
 }
 
 _NO_DOWNLOAD = {
+    "hepmass": (
+        "the official HEPMASS files' digests are not pinned here (no copy was reachable to take them from), so "
+        "flowcore does not download them unverified; put 1000_train.csv.gz and 1000_test.csv.gz from "
+        "archive.ics.uci.edu/ml/datasets/HEPMASS in ROOT/hepmass/"
+    ),
     "notmnist": (
         "notMNIST has no stable official direct download (the author's page links change); put the IDX files "
         "{train,t10k}-images-idx3-ubyte.gz (e.g. from github.com/davidflanagan/notMNIST-to-MNIST) in "

@@ -243,18 +243,47 @@ def histogram_figure(
     except ImportError:
         return None
     sets = [k.split("__")[0] for k in reference if k.endswith(f"__{score}")]
-    fig = Figure(figsize=(6, 3.5), dpi=110)
-    ax = fig.subplots()
+    data = {}
     for s in sets:
-        values = reference[f"{s}__{score}"]
+        values = np.asarray(reference[f"{s}__{score}"], dtype=np.float64)
         if score == "likelihood" and dims:
             values = -values / (dims * math.log(2))
-        ax.hist(values, bins=80, alpha=0.5, density=True, label=f"{s} (n={len(values)})")
-    if score == "likelihood":
-        ax.set_xlabel("bits/dim (lower = more likely)" if dims else "log-likelihood, nats (higher = more likely)")
+        data[s] = values[np.isfinite(values)]
+    pooled = np.concatenate([v for v in data.values() if v.size] or [np.zeros(1)])
+    lo, hi = float(pooled.min()), float(pooled.max())
+    p_lo, p_hi = np.percentile(pooled, [1, 99])
+    # a few far values would squash every set into one bar: a flow on vectors (nats, OOD sets can lie thousands
+    # of nats below) gets a symmetric-log axis; bits/dim an axis cut at the 1st and 99th percentiles
+    spread = hi > lo and (p_hi - p_lo) < 0.2 * (hi - lo)
+    symlog = spread and score == "likelihood" and not dims
+    fig = Figure(figsize=(6, 3.5), dpi=110)
+    ax = fig.subplots()
+    note = ""
+    if symlog:
+        scale = max(1.0, float(np.subtract(*np.percentile(data.get("test", pooled), [75, 25]))))
+
+        def forward(x):
+            return np.sign(x) * np.log10(1 + np.abs(x) / scale)
+
+        edges = np.linspace(forward(lo), forward(hi), 81)
+        bins = np.sign(edges) * scale * (10 ** np.abs(edges) - 1)
+        ax.set_xscale("symlog", linthresh=scale)
+        note = " (symmetric-log axis)"
     else:
-        ax.set_xlabel(score)
-    ax.set_ylabel("density")
+        if spread:
+            lo, hi = float(p_lo), float(p_hi)
+            note = " (axis cut at the 1st-99th percentiles; values beyond drawn at the edge)"
+        bins = np.linspace(lo, hi, 81) if hi > lo else 80
+    for s, values in data.items():
+        shown = np.clip(values, lo, hi)
+        ax.hist(shown, bins=bins, alpha=0.5, weights=np.full(len(shown), 1 / max(1, len(shown))),
+                label=f"{s} (n={len(values)})")
+    if score == "likelihood":
+        label = "bits/dim (lower = more likely)" if dims else "log-likelihood, nats (higher = more likely)"
+    else:
+        label = score
+    ax.set_xlabel(label + note, fontsize=8 if note else None)
+    ax.set_ylabel("share of the set")
     ax.set_title(title)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -65,6 +65,9 @@ def score_files(
     if not files:
         where = ", ".join(display_path(p) for p in paths)
         raise ValueError(f"no image files found in {where}" + (f" ({problems[0][1]})" if problems else ""))
+    if cfg.get("features") == "tabular":
+        raise ValueError(f"{checkpoint} is a flow on the rows of a tabular set, not on images: score rows with "
+                         "flowcore.load(NAME).log_prob(rows)")
     if cfg.get("features"):
         if score != "likelihood":
             raise ValueError(f"{checkpoint} is a flow on image features: its only score is likelihood")

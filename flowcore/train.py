@@ -42,7 +42,9 @@ from .data import load_images, match_shape
 from .likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
 from .models import build, log_prob_running_stats
 
-__all__ = ["TrainConfig", "NegativeConfig", "load_train_config", "negative_term", "train"]
+TABULAR = "tabular"  # TrainConfig.features of a flow on the rows of a tabular set
+
+__all__ = ["TABULAR", "TrainConfig", "NegativeConfig", "load_train_config", "negative_term", "train"]
 
 
 @dataclass
@@ -88,7 +90,8 @@ class TrainConfig:
     freeze_batchnorm: bool = False
     threads: int | None = None
     log_every: int = 100  # steps between 'train' events in log.jsonl
-    # Sec. 8: train on the images' features from this extractor (flowcore.embeddings.EXTRACTOR), not the pixels
+    # Sec. 8: train on the images' features from this extractor (flowcore.embeddings.EXTRACTOR), not the pixels;
+    # "tabular": on the rows of a tabular set (App. K.3, flowcore.tabular)
     features: str | None = None
 
     @classmethod
@@ -146,11 +149,17 @@ class TrainConfig:
             raise ValueError(f"freeze_batchnorm must be true or false, got {self.freeze_batchnorm!r}")
         check_int("threads", self.threads, 1, 1024, optional=True)
         check_int("log_every", self.log_every, 1)
-        if self.features is not None:
+        if self.features == TABULAR:
+            from .tabular import is_tabular
+
+            if self.model.arch != "realnvp_tabular" or not is_tabular(self.dataset):
+                raise ValueError("tabular features need model arch realnvp_tabular and a tabular dataset "
+                                 "(SOURCE:CLASS, e.g. miniboone:signal)")
+        elif self.features is not None:
             from .embeddings import EXTRACTOR, FEATURE_DIM
 
             if self.features != EXTRACTOR:
-                raise ValueError(f"unknown features {self.features!r}; available: {EXTRACTOR}")
+                raise ValueError(f"unknown features {self.features!r}; available: {EXTRACTOR}, {TABULAR}")
             if self.model.arch != "realnvp_tabular" or self.model.dim != FEATURE_DIM:
                 raise ValueError(f"features need model arch realnvp_tabular with dim {FEATURE_DIM}")
         elif self.model.arch == "realnvp_tabular":

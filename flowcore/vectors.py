@@ -23,12 +23,26 @@ from . import embeddings
 from .checkpoints import atomic_write, cache_dir, save
 from .data import DatasetNotFound, load_images
 from .models import build
-from .train import RunLog, TrainConfig, drop_derived_files, export_folder, lr_at, optimizer_for
+from .train import TABULAR, RunLog, TrainConfig, drop_derived_files, export_folder, lr_at, optimizer_for
 
 __all__ = [
     "cache_dir", "dataset_features", "train_vectors", "log_likelihood", "image_log_likelihood", "input_shape",
     "feature_projection", "project", "PROJECTION",
 ]
+
+
+def dataset_vectors(
+    features: str, dataset: str, split: str, data_dir: str | None = None, limit: int | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """The vectors a flow of kind ``features`` trains and is evaluated on: the rows of a tabular set, or the
+    extractor's features of an image set (:func:`dataset_features`)."""
+    if features == TABULAR:
+        from .tabular import load_tabular
+
+        rows = load_tabular(dataset, split, data_dir)
+        return rows[:limit] if limit else rows
+    return dataset_features(dataset, split, data_dir, limit, progress)
 
 
 def dataset_features(
@@ -110,8 +124,11 @@ def train_vectors(
         torch.set_num_threads(cfg.threads)
     log = RunLog(run_dir / "log.jsonl")
     log(event="start", config=cfg.to_dict(), torch=torch.__version__)
-    x_train = torch.from_numpy(dataset_features(cfg.dataset, "train", data_dir, cfg.train_subset, progress))
-    x_test = torch.from_numpy(dataset_features(cfg.dataset, "test", data_dir, cfg.test_subset, progress))
+    kind = cfg.features
+    x_train = torch.from_numpy(dataset_vectors(kind, cfg.dataset, "train", data_dir, cfg.train_subset, progress))
+    x_test = torch.from_numpy(dataset_vectors(kind, cfg.dataset, "test", data_dir, cfg.test_subset, progress))
+    if x_train.shape[1] != cfg.model.dim:
+        raise ValueError(f"{cfg.dataset} has {x_train.shape[1]} columns; the model's dim is {cfg.model.dim}")
     torch.manual_seed(cfg.seed)
     model = build(cfg.model)
     model.standardize.fit(x_train)
@@ -166,7 +183,7 @@ def train_vectors(
     }
     drop_derived_files(out)
     save(model, out, name=cfg.name, dataset=cfg.dataset, features=cfg.features, ood=cfg.ood, training=training,
-         input_shape=input_shape(cfg.dataset, data_dir),
+         input_shape=None if cfg.features == TABULAR else input_shape(cfg.dataset, data_dir),
          train_config=cfg.to_dict(), metrics={"test_nll_per_dim": round(test_nll, 5), "test_subset": len(x_test)})
     log(event="export", path=str(out), test_nll_per_dim=test_nll)
     return {"stopped_by": "epochs", "test_nll_per_dim": test_nll, "export": str(out), "epoch": cfg.epochs}
@@ -183,17 +200,19 @@ def evaluate_vectors(
 
     model = load(folder)
     dataset = cfg["dataset"]
+    kind = cfg["features"]
     wanted = ood if ood is not None else [s for s in cfg.get("ood") or [] if s != dataset]
     sets: dict[str, np.ndarray] = {
-        "train": dataset_features(dataset, "train", data_dir, train_subset, progress),
-        "test": dataset_features(dataset, "test", data_dir, test_subset, progress),
+        "train": dataset_vectors(kind, dataset, "train", data_dir, train_subset, progress),
+        "test": dataset_vectors(kind, dataset, "test", data_dir, test_subset, progress),
     }
     skipped = {}
     for name in wanted:
+        label = name.replace(":", "_") if kind == TABULAR else set_label(name)
         try:
-            sets[set_label(name)] = dataset_features(name, "test", data_dir, ood_subset, progress)
+            sets[label] = dataset_vectors(kind, name, "test", data_dir, ood_subset, progress)
         except DatasetNotFound as e:
-            skipped[set_label(name)] = str(e)
+            skipped[label] = str(e)
     reference = {f"{name}__likelihood": log_likelihood(model, x) for name, x in sets.items()}
     projection = feature_projection(sets)
     nll = -reference["test__likelihood"] / model.config.dim

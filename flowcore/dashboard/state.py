@@ -111,17 +111,21 @@ def no_checkpoint_message() -> str:
     )
 
 
-def is_feature_flow(name: str) -> bool:
-    """A flow on image features (Sec. 8): drawn on its own page; the pixel pages cannot show it."""
+def _features_of(name: str) -> str | None:
     try:
-        return bool(config(name).get("features"))
+        return config(name).get("features")
     except CheckpointError:
-        return False  # an unreadable checkpoint stays listed, and picking it shows why
+        return None  # an unreadable checkpoint stays listed among the pixel flows, and picking it shows why
+
+
+def is_feature_flow(name: str) -> bool:
+    """A flow on vectors (image features, Sec. 8, or tabular rows): the pixel pages cannot show it."""
+    return bool(_features_of(name))
 
 
 def feature_checkpoints() -> list[str]:
-    """Every flow on image features in the checkpoints folder."""
-    return [n for n in list_checkpoints() if is_feature_flow(n)]
+    """Every flow on image features (the features page draws these; tabular flows have no images to score)."""
+    return [n for n in list_checkpoints() if _features_of(n) == embeddings.EXTRACTOR]
 
 
 def checkpoint_options() -> list[str]:
