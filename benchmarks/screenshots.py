@@ -66,7 +66,7 @@ PAGES = (
     PageSpec("inputs", "inputs", "Inputs", 0),
     PageSpec("compare", "compare", "Compare models", 2),
     PageSpec("perturb", "perturb", "Perturbation explorer", 2),
-    PageSpec("features", "features", "What works: features", 0),
+    PageSpec("features", "features", "What works: flows on features", 0),
     PageSpec("latents", "latents", "Latents", 1),
     PageSpec("couplings", "couplings", "Coupling layers", 1),
     PageSpec("receptive_field", "receptive_field", "Receptive field", 2),
@@ -218,8 +218,9 @@ WATCH_RUNS = """() => {
 }"""
 
 
-def wait_idle(page: Any, timeout: float = 60_000) -> None:
-    """Until the script run is over, no spinner is left and every plotly chart has drawn."""
+def wait_idle(page: Any, timeout: float = 60_000, settle_ms: int = 300) -> None:
+    """Until the script run is over, no spinner is left and every plotly chart has drawn (then ``settle_ms`` more
+    for plotly's last relayout, which a screenshot needs and a latency measurement does not)."""
     page.wait_for_selector('[data-testid="stApp"][data-test-script-state="notRunning"]', timeout=timeout)
     page.wait_for_function(
         """() => !document.querySelector('[data-testid="stSpinner"]') &&
@@ -227,16 +228,17 @@ def wait_idle(page: Any, timeout: float = 60_000) -> None:
                       .every(e => e.querySelector('.js-plotly-plot .main-svg'))""",
         timeout=timeout,
     )
-    page.wait_for_timeout(300)  # plotly's last relayout
+    if settle_ms:
+        page.wait_for_timeout(settle_ms)
 
 
 @contextlib.contextmanager
-def rerun(page: Any, timeout: float = 90_000) -> Iterator[None]:
+def rerun(page: Any, timeout: float = 90_000, settle_ms: int = 300) -> Iterator[None]:
     """Around an action that makes the app rerun: afterwards wait until a run has started and is over."""
     page.evaluate(WATCH_RUNS)
     yield
     page.wait_for_function("() => window.__flowcoreRuns > 0", timeout=timeout)
-    wait_idle(page, timeout)
+    wait_idle(page, timeout, settle_ms)
 
 
 def check_page(page: Any) -> None:
@@ -296,7 +298,7 @@ def upload(page: Any, paths: list[Path], timeout: float = 90_000) -> None:
     )
 
 
-def go_to(page: Any, spec: PageSpec, timeout: float = 90_000) -> None:
+def go_to(page: Any, spec: PageSpec, timeout: float = 90_000, settle_ms: int = 300) -> None:
     """Switch page with the sidebar link (client-side: the session and its uploads are kept) and wait."""
     nav = page.locator('[data-testid="stSidebarNav"]')
     more = nav.locator('[data-testid="stSidebarNavViewButton"]')
@@ -305,11 +307,11 @@ def go_to(page: Any, spec: PageSpec, timeout: float = 90_000) -> None:
     link = nav.locator(f'a[href$="/{spec.path}"]')
     if link.count() != 1:  # another URL scheme: find the link by its title
         link = nav.get_by_role("link", name=spec.title)
-    with rerun(page, timeout):
+    with rerun(page, timeout, settle_ms):
         link.first.click()
     page.wait_for_url(lambda u: u.split("?")[0].rstrip("/").endswith(f"/{spec.path}".rstrip("/")), timeout=timeout)
     page.locator('[data-testid="stMain"] h1', has_text=spec.title).first.wait_for(timeout=timeout)
-    wait_idle(page, timeout)
+    wait_idle(page, timeout, settle_ms)
 
 
 def full_page_screenshot(page: Any, path: Path) -> None:
