@@ -3,6 +3,7 @@
     python benchmarks/throughput.py                       # shipped sizes, built fresh
     python benchmarks/throughput.py --checkpoint fashion_realnvp --threads 2
     python benchmarks/throughput.py --config configs/fashion_glow_appc.json --batch 32 --repeats 2
+    python benchmarks/throughput.py --variants            # + the training step in channels_last and compiled
 
 Prints img/s, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) and that as a fraction of
 the float32 matmul GFLOP/s measured here, so numbers from a busy or a different machine stay comparable.
@@ -79,6 +80,40 @@ def bench(model: torch.nn.Module, batch: int, repeats: int) -> dict[str, float]:
     }
 
 
+def train_step_variants(model_cfg: dict, batch: int, repeats: int) -> dict[str, float]:
+    """Seconds per training step of the same model and batch: eager, channels_last, and ``torch.compile`` of the
+    log-density (inductor; its compile time is reported apart), all measured in this run."""
+    def fresh(layout=torch.contiguous_format):
+        torch.manual_seed(0)
+        m = flowcore.build(model_cfg).to(memory_format=layout)
+        m.train()
+        return m, torch.optim.Adam(m.parameters(), 1e-5)
+
+    v = (torch.randint(0, 256, (batch, *model_cfg["image_shape"])).float() + 0.5) / 256
+
+    def stepper(log_prob, opt, x):
+        def step():
+            opt.zero_grad()
+            (-log_prob(x).mean()).backward()
+            opt.step()
+        return step
+
+    out = {}
+    m, opt = fresh()
+    out["eager"] = _median_time(stepper(m.log_prob, opt, v), repeats)
+    m, opt = fresh(torch.channels_last)
+    out["channels_last"] = _median_time(stepper(m.log_prob, opt, v.contiguous(memory_format=torch.channels_last)),
+                                        repeats)
+    m, opt = fresh()
+    compiled = torch.compile(m.log_prob)
+    step = stepper(compiled, opt, v)
+    t = time.perf_counter()
+    step()
+    out["compile_seconds"] = time.perf_counter() - t
+    out["compiled"] = _median_time(step, repeats)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", action="append", default=None)
@@ -86,6 +121,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--variants", action="store_true",
+                   help="also time the training step in channels_last and under torch.compile (minutes)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -106,6 +143,12 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         print(f"{name:<32}{params:>10,}{r['gflop_per_img']:>10.3f}{r['score_img_s']:>13.1f}"
               f"{r['score_gflops'] / peak:>11.2%}{r['train_img_s']:>13.1f}{r['train_gflops'] / peak:>11.2%}")
+    if args.variants:
+        for name, model in models.items():
+            v = train_step_variants(model.config.to_dict(), args.batch, args.repeats)
+            print(f"{name}: training step eager {1000 * v['eager']:.0f} ms; channels_last "
+                  f"{v['eager'] / v['channels_last']:.2f}x; torch.compile {v['eager'] / v['compiled']:.2f}x "
+                  f"(after {v['compile_seconds']:.0f} s of compilation); ratios measured in this run")
 
 
 if __name__ == "__main__":
