@@ -143,7 +143,11 @@ def test_home_shows_model_picker_card_and_histogram(env: tuple[Path, Path]) -> N
     assert at.sidebar.get("file_uploader")
     assert at.title[0].value == "Score"
     assert len(at.get("plotly_chart")) >= 1
-    assert at.dataframe, "AUROC table missing"
+    assert at.table, "AUROC table missing"
+    # the table shows this checkpoint's own stored AUROCs, in %
+    stored = json.loads((env[0] / "fashion_realnvp" / "config.json").read_text())["reference"]["auroc"]
+    shown = at.table[0].value
+    assert shown.loc["likelihood", "mnist"] == f"{100 * stored['likelihood']['mnist']:.1f}"
     assert not at.error
 
 

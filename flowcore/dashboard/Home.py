@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-import pandas as pd
 import streamlit as st
 
 from flowcore.config import describe_architecture
@@ -67,10 +66,10 @@ def model_card(name: str) -> None:
     if cfg.get("background"):
         lines.append(f"**Background model**: {cfg['background']}")
     st.markdown("  \n".join(lines))
-    rows = state.auroc_rows(name)
-    if rows:
-        st.caption("AUROC (in-distribution = positive; 0.5 = chance, below 0.5 = OOD looks *more* likely)")
-        st.dataframe(pd.DataFrame(rows).set_index("score").round(3), width="stretch")
+    table = state.auroc_percent_table(name)
+    if table is not None:
+        st.caption("AUROC % (in-distribution = positive; 50 = chance, below 50 = OOD looks *more* likely)")
+        st.table(table)
     else:
         st.caption(f"No reference statistics yet: run `flowcore evaluate {name}`.")
 

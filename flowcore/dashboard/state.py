@@ -73,6 +73,7 @@ __all__ = [
     "background_name",
     "has_batchnorm",
     "auroc_rows",
+    "auroc_percent_table",
     "reference_scores",
     "reference_sets",
     "score_values",
@@ -247,6 +248,18 @@ def auroc_rows(name: str) -> list[dict[str, Any]]:
         ref = reference(name)
         table = auroc_table(ref) if ref else {}
     return [{"score": score, **{s: float(v) for s, v in row.items()}} for score, row in table.items()]
+
+
+def auroc_percent_table(name: str):
+    """The AUROC table as shown on every page: AUROC in % (1 decimal), a row per score, a column per OOD set.
+    Pages draw it with ``st.table``, which fits the column it is in (a dataframe cut its right columns)."""
+    import pandas as pd
+
+    rows = auroc_rows(name)
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows).set_index("score") * 100
+    return frame.round(1).map(lambda v: f"{v:.1f}")
 
 
 def reference_scores(name: str) -> list[str]:

@@ -52,9 +52,9 @@ def column(name: str, units: str, key: str) -> dict[str, np.ndarray]:
     st.plotly_chart(
         figures.histogram(state.score_values(name, "likelihood", units), markers, xlabel), key=f"cmp_hist_{key}"
     )
-    rows = state.auroc_rows(name)
-    if rows:
-        st.dataframe(pd.DataFrame(rows).set_index("score").round(3))
+    table = state.auroc_percent_table(name)
+    if table is not None:
+        st.table(table)
     if not good:
         return {}
     return {

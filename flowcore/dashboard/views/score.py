@@ -125,10 +125,10 @@ def main() -> None:
         st.caption("Dashed lines: medians. Solid lines: your images (first twelve).")
     with right:
         if score == "likelihood":
-            st.markdown("**AUROC of every score** (in-distribution test vs each OOD set)")
+            st.markdown("**AUROC % of every score** (in-distribution test vs each OOD set)")
             show_auroc_table(name)
             st.caption(
-                "0.5 = chance; below 0.5 = the OOD set looks *more* in-distribution than the test set. "
+                "50 = chance; below 50 = the OOD set looks *more* in-distribution than the test set. "
                 "Pick another score above to see its histogram."
             )
         else:
@@ -192,9 +192,9 @@ def main() -> None:
 
 
 def show_auroc_table(name: str) -> None:
-    rows = state.auroc_rows(name)
-    if rows:
-        st.dataframe(pd.DataFrame(rows).set_index("score").round(3))
+    table = state.auroc_percent_table(name)
+    if table is not None:
+        st.table(table)
     else:
         st.caption("No AUROC table: the reference has no OOD sets.")
 
