@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("flowcore_screenshots", ROOT / "benchmarks" / "screenshots.py")
@@ -55,10 +56,34 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
 
     root = tmp_path_factory.mktemp("flowcore_browser")
     ckpts, data = make_tiny_setup(root)
+    add_feature_flow(ckpts, data, root / "cache")
     env = {"FLOWCORE_CHECKPOINTS": str(ckpts), "FLOWCORE_DATA_DIR": str(data), "FLOWCORE_DEFAULT_CHECKPOINT": None}
     env["OMP_NUM_THREADS"] = "1"  # like conftest.py: on a shared machine one torch thread is much faster here
     with shots.serve(env, log=root / "streamlit.log") as url:
         yield App(url, ckpts / "fashion_realnvp")
+
+
+def add_feature_flow(ckpts: Path, data: Path, cache: Path) -> None:
+    """``rgb_embeddings``: a small flow on the real extractor's features of the tiny RGB set (its weights are
+    random, its reference statistics real), when the embeddings extra is installed."""
+    try:
+        import efficientnet_lite_pytorch  # noqa: F401
+    except ImportError:
+        return
+    import flowcore
+    from flowcore import embeddings
+    from flowcore.evaluate import evaluate
+    from flowcore.vectors import dataset_features
+
+    rgb = f"npz:{data / 'rgb.npz'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLOWCORE_CACHE", str(cache))
+        flow = flowcore.build({"arch": "realnvp_tabular", "dim": embeddings.FEATURE_DIM, "hidden": 8, "blocks": 1,
+                               "couplings": 2})
+        flow.standardize.fit(torch.from_numpy(dataset_features(rgb, "train")))
+        flowcore.save(flow, ckpts / "rgb_embeddings", name="rgb_embeddings", dataset=rgb,
+                      features=embeddings.EXTRACTOR, input_shape=[3, 32, 32], ood=["mnist"])
+        evaluate(ckpts / "rgb_embeddings", data_dir=str(data), ood=[f"npz:{data / 'mnist.npz'}"], train_subset=16)
 
 
 @pytest.fixture(scope="module")
@@ -315,3 +340,15 @@ def test_every_page_after_an_upload(app: App, new_page: Any, photos: list[Path])
     if folder:
         for spec in shots.PAGES:
             assert (Path(folder) / f"{spec.name}.png").stat().st_size > 10_000
+
+
+def test_features_page_gives_a_photo_both_verdicts(app: App, new_page: Any, photos: list[Path]) -> None:
+    pytest.importorskip("efficientnet_lite_pytorch")
+    page = new_page()
+    shots.open_app(page, app.url)
+    shots.upload(page, photos[:1])
+    shots.go_to(page, next(s for s in shots.PAGES if s.name == "features"))
+    shots.check_page(page)
+    text = shots.main_text(page)
+    assert f"{photos[0].name}: the flow on features says" in text, text[:2000]
+    assert "the pixel flow rgb_realnvp says" in text, text[:2000]

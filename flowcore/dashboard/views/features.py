@@ -35,6 +35,21 @@ def verdict_of(value: float, threshold: float) -> str:
     return "OOD" if is_ood(value, threshold) else "in-distribution" if np.isfinite(value) else "no verdict (NaN)"
 
 
+def verdict_sentence(row: dict, pixel: str | None) -> str:
+    """One image's two verdicts in words, and which model is right when they differ (the lesson of Sec. 8)."""
+    text = (f"**{row['image']}**: the flow on features says **{row['features: verdict']}** (percentile "
+            f"{row['features: percentile']:.2f} %)")
+    if "pixels: verdict" not in row:
+        return text + "."
+    text += (f"; the pixel flow `{pixel}` says **{row['pixels: verdict']}** (percentile "
+             f"{row['pixels: percentile']:.2f} %)")
+    if row["features: verdict"] == "OOD" and row["pixels: verdict"] == "in-distribution":
+        text += ": only the features flag it (the pixel flow's failure, and Sec. 8's answer)"
+    elif row["features: verdict"] != row["pixels: verdict"]:
+        text += ": they disagree"
+    return text + "."
+
+
 def draw_reference(name: str, ref: dict[str, np.ndarray], marks: list[tuple[str, float]],
                    arrays: list[np.ndarray]) -> None:
     """The reference sets' feature log-likelihoods with each image marked, and the 2-D view of their features."""
@@ -133,6 +148,8 @@ def main() -> None:
             rows.append(row)
         if rows:
             st.dataframe(pd.DataFrame(rows).set_index("image"), width="stretch")
+            for row in rows[:12]:
+                st.markdown(verdict_sentence(row, pixel))
         draw_reference(name, ref, [(item.name, float(v)) for (item, _), v in zip(good, ll, strict=True)],
                        [p.array for _, p in good])
         st.caption(f"Each image is first brought to {shape[1]}x{shape[2]} (centre crop), like the training images, "
