@@ -15,14 +15,19 @@ out-of-distribution (OOD). It does not: digits get a *higher* likelihood. Kirich
 pixel correlations and generic image transformations**, which every natural image shares, rather than the
 meaning of the images they were trained on. Each view of this dashboard shows one piece of that story.
 
-**The paper in ten minutes**. A guided tour of the argument in six steps, each with one live figure and a
-sentence measured on the shipped default model: a ready-made class demo.
+**The paper in ten minutes**. A guided tour of the argument in seven steps, each with one live figure or table
+and a sentence measured on the shipped default model: a ready-made class demo.
 
 **Score** (paper Fig. 1, 8). Histograms of the model's likelihood (bits/dim or nats) on its train and test
 images and on OOD sets, with your images as vertical lines; the percentile among test images and a verdict
 at a chosen false-positive rate. Look for: the OOD sets sitting at *lower* bits/dim (higher likelihood)
 than the test set, and AUROC values below 0.5. Other scores (input complexity, typicality, likelihood
 ratio, last-scale density) try to fix this; compare their AUROC with raw likelihood.
+
+**What works: flows on features** (Sec. 8). The paper's positive result: the same kind of flow, trained on the
+features an ImageNet classifier computes for each image (EfficientNet-Lite0 here), ranks OOD images lower.
+Its AUROCs beside the pixel flows' on the same data, your images with both verdicts, the reference
+likelihoods and a 2-D view of the features with your images marked.
 
 **Inputs**. What the model is really given: each preprocessing step of your upload (mode, size, inversion),
 dataset examples, the model's own samples and a drawing canvas. Everything added here is used by every page.
