@@ -34,7 +34,9 @@ def main() -> int:
         summary = evaluate(name, **SETTINGS.get(name, DEFAULT))
         like = summary["auroc"].get("likelihood", {})
         aurocs = ", ".join(f"{s} {100 * v:.1f}" for s, v in like.items())
-        print(f"{name}: test bpd {summary['bpd_mean']:.4f}; likelihood AUROC % {aurocs} "
+        quality = (f"test bpd {summary['bpd_mean']:.4f}" if "bpd_mean" in summary else
+                   f"test nll {summary['nll_per_feature_mean']:.4f} nats/feature")
+        print(f"{name}: {quality}; likelihood AUROC % {aurocs} "
               f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return 0
 
