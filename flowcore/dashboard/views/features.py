@@ -16,6 +16,9 @@ from flowcore.evaluate import set_label
 from flowcore.scores import is_ood, ood_threshold, percentile_of
 from flowcore.vectors import PROJECTION, project
 
+# the paper's headline case (Table 2a: CIFAR-10 -> CelebA), shown when the sidebar's model has no feature flow
+DEFAULT_FLOW = "cifar10_embeddings"
+
 
 def auroc_frame(name: str, pixel_flows: list[str]) -> pd.DataFrame:
     """Likelihood AUROC (%) per OOD set: the feature flow, then each pixel flow on the same data."""
@@ -97,8 +100,9 @@ def main() -> None:
     if st.session_state.get("features_flow") not in names:  # start on the flow trained on the sidebar model's data
         shown = state.selected_checkpoint()
         dataset = state.config(shown).get("dataset") if shown else None
+        fallback = DEFAULT_FLOW if DEFAULT_FLOW in names else names[0]
         st.session_state["features_flow"] = next(
-            (n for n in names if state.config(n).get("dataset") == dataset), names[0])
+            (n for n in names if state.config(n).get("dataset") == dataset), fallback)
     name = c1.selectbox("Flow on features", names, key="features_flow",
                         format_func=lambda n: f"{n} ({set_label(str(state.config(n).get('dataset', '?')))})")
     pixel_flows = state.pixel_counterparts(name)
