@@ -352,3 +352,29 @@ def test_features_page_gives_a_photo_both_verdicts(app: App, new_page: Any, phot
     text = shots.main_text(page)
     assert f"{photos[0].name}: the flow on features says" in text, text[:2000]
     assert "the pixel flow rgb_realnvp says" in text, text[:2000]
+
+
+def test_a_fresh_set_up_without_data_works_from_the_bundled_examples(app: App, browser: Any, tmp_path: Path) -> None:
+    """What the README's app command gives (the shipped checkpoints, no FLOWCORE_DATA_DIR): the gallery offers the
+    bundled examples, adding them gives a score, and the tour and every page open without an error."""
+    env = {"FLOWCORE_CHECKPOINTS": None, "FLOWCORE_DATA_DIR": None, "FLOWCORE_DEFAULT_CHECKPOINT": None,
+           "FLOWCORE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    with shots.serve(env, log=tmp_path / "streamlit.log") as url:
+        ctx = browser.new_context(viewport={"width": 1024, "height": 768})
+        ctx.set_default_timeout(TIMEOUT)
+        try:
+            page = ctx.new_page()
+            shots.open_app(page, url)
+            shots.go_to(page, next(s for s in shots.PAGES if s.name == "inputs"))
+            page.get_by_role("tab", name="Gallery").click()
+            page.get_by_text("bundled examples").first.wait_for()
+            with shots.rerun(page, TIMEOUT):
+                page.locator('[data-testid="stMain"] button', has_text="Add these").first.click()
+            shots.go_to(page, next(s for s in shots.PAGES if s.name == "score"))
+            m = shots.metrics(page)
+            assert m["verdict at 5% FPR (likelihood)"] in ("OOD", "in-distribution"), m
+            assert "fashion_mnist #0" in shots.main_text(page)
+            visits = shots.visit_every_page(page, None, TIMEOUT)
+            assert list(visits) == [s.name for s in shots.PAGES]
+        finally:
+            ctx.close()
