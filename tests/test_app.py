@@ -705,3 +705,24 @@ def test_one_cache_decorator_keys_by_function_checkpoint_files_and_arguments(env
         assert state.config("fashion_copy")["name"] == "renamed" != cfg.get("name")
     finally:
         (folder / "config.json").write_text(text)
+
+
+def test_latents_page_shows_each_scales_latents_with_its_own_correlation(env: tuple[Path, Path]) -> None:
+    from flowcore.inspection import latent_image_correlation
+    from flowcore.models import latent_scale_map
+
+    at = start()
+    at.switch_page("views/latents.py").run()
+    assert not at.exception, at.exception
+    specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+    titles = [a["text"] for spec in specs for a in spec["layout"].get("annotations", []) if "scale" in a["text"]]
+    assert [t.split(" (")[0] for t in titles] == ["scale 1", "scale 2"]  # the tiny model has two scales
+    # scale 1's r is the correlation of the latents factored out first with their own pixels
+    import flowcore
+
+    model = flowcore.load(env[0] / "fashion_realnvp")
+    labels = latent_scale_map(model).numpy()
+    name, image = state.current_image("fashion_realnvp")
+    z = state.latent_map("fashion_realnvp", image, 40, "eval")
+    r = latent_image_correlation(image, np.where(labels == 0, z, np.nan))
+    assert titles[0].endswith(f"r = {r:.2f}")

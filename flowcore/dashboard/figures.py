@@ -473,3 +473,19 @@ def projection_figure(
     fig.update_layout(xaxis_title="principal direction 1", yaxis_title="principal direction 2", height=height,
                       margin={"l": 50, "r": 10, "t": 10, "b": 50}, legend={"orientation": "h", "y": -0.2})
     return fig
+
+
+def scale_latents_figure(z: np.ndarray, labels: np.ndarray, correlations: Sequence[float],
+                         cell_height: int = 260) -> go.Figure:
+    """One panel per scale: the latents ``z`` (C, H, W) factored out at that scale (``labels`` gives each
+    latent's scale), blank elsewhere, averaged over channels; each title quotes that scale's correlation."""
+    z = np.asarray(z, dtype=np.float64)
+    lim = float(np.nanmax(np.abs(z))) if np.isfinite(z).any() else 1.0
+    panels = []
+    for s, r in zip(np.unique(labels), correlations, strict=True):
+        mine = labels == s
+        counts = mine.sum(axis=0)
+        mean = np.where(counts > 0, np.where(mine, z, 0.0).sum(axis=0) / np.maximum(counts, 1), np.nan)
+        panels.append(Panel(mean, f"scale {int(s) + 1} ({100 * mine.mean():.0f} % of z): r = {r:.2f}", DIVERGING,
+                            -lim, lim, hover="z"))
+    return panels_figure(panels, cols=len(panels), cell_height=cell_height)

@@ -48,6 +48,7 @@ from flowcore.data import DATASETS, EXAMPLE_SETS, DatasetNotFound, load_examples
 from flowcore.evaluate import auroc_table, default_ood_sets, load_reference, set_label
 from flowcore.inspection import default_box
 from flowcore.likelihood import nats_to_bpd
+from flowcore.models import latent_scale_map
 from flowcore.scores import SCORE_NAMES, compute_scores
 from flowcore.vectors import image_log_likelihood
 
@@ -95,6 +96,7 @@ __all__ = [
     "footprint",
     "resampled",
     "box_default",
+    "latent_scales",
 ]
 
 DEFAULT_CHECKPOINT = DEFAULT_MODEL
@@ -501,6 +503,12 @@ def resampled(
 ) -> np.ndarray:
     """``n`` images ``(n, C, H, W)`` in [0, 1] with the latents inside ``box`` redrawn at ``temperature``."""
     return _resampled(name, array, tuple(int(v) for v in box), int(n), float(temperature), int(seed))
+
+
+@per_checkpoint(max_entries=32)
+def latent_scales(name: str) -> np.ndarray:
+    """(C, H, W): the scale (0 = the first factored out) of each latent in image layout."""
+    return latent_scale_map(model(name)).numpy()
 
 
 def box_default(shape: tuple[int, int, int]) -> tuple[int, int, int, int]:

@@ -6,6 +6,7 @@ import numpy as np
 import streamlit as st
 
 from flowcore.dashboard import figures, measure, state
+from flowcore.inspection import latent_image_correlation
 
 
 def main() -> None:
@@ -44,6 +45,14 @@ def main() -> None:
         f"Blue negative, red positive; hover for values.{batch_note}"
     )
     st.markdown(measure.latent_sentence(image, z))
+    labels = state.latent_scales(name)
+    if len(np.unique(labels)) > 1:
+        st.markdown("**Each scale's factored-out latents**")
+        correlations = [latent_image_correlation(image, np.where(labels == s, z, np.nan)) for s in np.unique(labels)]
+        st.plotly_chart(figures.scale_latents_figure(z, labels, correlations), key="latent_scales")
+        st.caption("A multi-scale flow factors out half of its latents after each scale: scale 1's were computed "
+                   "from the image after the fewest layers. Each panel shows only the latents of one scale, at the "
+                   "pixels they belong to (averaged over channels); r is their correlation with those pixels.")
 
 
 state.run_page(main)
