@@ -276,6 +276,18 @@ def test_each_view_runs_with_an_input(env: tuple[Path, Path], view: str) -> None
         captions = [c for img in at.get("image") for c in img.captions]
         assert any(c.startswith("original: PNG") for c in captions), captions
         assert "final 28x28x1 uint8" in captions
+    import flowcore
+
+    model = flowcore.load(env[0] / "fashion_realnvp")
+    if view == "couplings":  # the per-layer log-determinants are the flow's own, computed here independently
+        table = next(d.value for d in at.dataframe if "log|det| (nats)" in d.value.columns)
+        want = [round(float(r.log_det[0]), 3) for r in flowcore.coupling_trace(model, x)]
+        assert list(table["log|det| (nats)"]) == pytest.approx(want, abs=2e-3)
+    if view == "compare":  # the shown bits/dim of the input under model A is the model's own
+        table = next(d.value for d in at.dataframe if "image" in d.value.columns)
+        n_draws = json.loads((env[0] / "fashion_realnvp" / "config.json").read_text())["reference"]["n_draws"]
+        want = flowcore.bits_per_dim(model, x[None], n_draws=n_draws)[0]
+        assert table["bpd fashion_realnvp"].iloc[0] == pytest.approx(want, abs=1e-3)
 
 
 @pytest.mark.parametrize("view", [v for v in VIEWS if v != "guide"])
