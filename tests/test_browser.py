@@ -296,7 +296,8 @@ def test_four_concurrent_sessions_get_their_own_scores(app: App, new_page: Any, 
     assert len(photos) == N_SESSIONS
     want = {p.name: expected_score(app.checkpoint, p) for p in photos}
     bpds = sorted(b for _, b in want.values())
-    assert min(np.diff(bpds)) > 1e-3, f"the test images must score apart to tell sessions apart: {want}"
+    # the page shows bits/dim to 4 decimals: scores 3e-4 apart are told apart there
+    assert min(np.diff(bpds)) > 3e-4, f"the test images must score apart to tell sessions apart: {want}"
 
     pages = [new_page() for _ in photos]
     for page in pages:  # start on the light Guide page (a tab's first load is the costly part here)
