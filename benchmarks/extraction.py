@@ -13,26 +13,15 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from throughput import count_flops, matmul_gflops  # noqa: E402
+from throughput import _median_time, count_flops, matmul_gflops  # noqa: E402
 
 from flowcore import embeddings  # noqa: E402
-
-
-def _median(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return sorted(times)[len(times) // 2]
 
 
 def main() -> int:
@@ -43,7 +32,7 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     images = np.random.default_rng(0).integers(0, 256, (args.batch, 32, 32, 3), dtype=np.uint8)
-    prep_s = _median(lambda: embeddings.preprocess(images), args.repeats)
+    prep_s = _median_time(lambda: embeddings.preprocess(images), args.repeats)
     model = embeddings.load_extractor()  # in channels_last, as extract() runs it
     batch = embeddings.preprocess(images)
     flops = count_flops(lambda: model.extract_features(batch[:1]))
@@ -53,7 +42,7 @@ def main() -> int:
         m = model.to(memory_format=layout)
         x = batch.contiguous(memory_format=layout)
         with torch.inference_mode():
-            return _median(lambda: m.extract_features(x), args.repeats)
+            return _median_time(lambda: m.extract_features(x), args.repeats)
 
     default_s = run(torch.contiguous_format)
     channels_last_s = run(torch.channels_last)

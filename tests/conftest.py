@@ -1,4 +1,8 @@
+import contextlib
+import functools
+import http.server
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -39,3 +43,20 @@ def fake_extract(images, batch_size=64, progress=None):
     if progress is not None:
         progress(len(images))
     return np.tanh(x @ proj / np.sqrt(x.shape[1])).astype(np.float32)
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serve_folder(folder):
+    """A loopback HTTP server over ``folder`` (for download tests: nothing leaves the machine); yields its URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(folder)))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -3,8 +3,6 @@ built wheel that works in a fresh environment, outside the source checkout."""
 
 from __future__ import annotations
 
-import functools
-import http.server
 import json
 import os
 import shutil
@@ -12,7 +10,6 @@ import socket
 import subprocess
 import sys
 import sysconfig
-import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -21,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_
+from conftest import perturb_, serve_folder
 from PIL import Image
 
 import flowcore
@@ -46,19 +43,8 @@ def mirror(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[st
     monkeypatch.setenv("FLOWCORE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("FLOWCORE_CHECKPOINTS", raising=False)
     monkeypatch.delenv(zoo.ZOO_URL_ENV, raising=False)
-    handler = functools.partial(QuietHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", served
-    finally:
-        server.shutdown()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
+    with serve_folder(served) as url:
+        yield url, served
 
 
 def test_zoo_fetch_verifies_every_file_and_the_name_then_resolves(mirror, tmp_path, capsys):

@@ -3,16 +3,14 @@ verified download over loopback, and a flow trained on one class with the other 
 
 from __future__ import annotations
 
-import functools
 import gzip
 import hashlib
-import http.server
 import json
-import threading
 
 import numpy as np
 import pytest
 import torch
+from conftest import serve_folder
 
 import flowcore
 from flowcore import data, tabular
@@ -86,17 +84,8 @@ def test_hepmass_drops_the_mass_and_features_with_repeated_values(tmp_path):
 def served(tmp_path):
     root = tmp_path / "served"
     root.mkdir()
-    handler = functools.partial(Quiet, directory=str(root))
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-
-
-class Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:
-        pass
+    with serve_folder(root) as url:
+        yield root, url
 
 
 def test_miniboone_download_is_verified_against_its_pinned_digest(served, tmp_path, monkeypatch):

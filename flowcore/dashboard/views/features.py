@@ -13,7 +13,7 @@ from flowcore.dashboard import figures, measure, state
 from flowcore.data import EXAMPLE_SETS, load_examples
 from flowcore.embeddings import ExtractorMissing, load_extractor
 from flowcore.evaluate import set_label
-from flowcore.scores import is_ood, ood_threshold, percentile_of
+from flowcore.scores import is_ood, ood_threshold, percentile_of, verdict
 from flowcore.vectors import PROJECTION, project
 
 # the paper's headline case (Table 2a: CIFAR-10 -> CelebA), shown when the sidebar's model has no feature flow
@@ -32,10 +32,6 @@ def auroc_frame(name: str, pixel_flows: list[str]) -> pd.DataFrame:
 def flagged(values: np.ndarray, threshold: float) -> int:
     """How many of ``values`` are below the threshold (non-finite ones, which have no verdict, left out)."""
     return sum(is_ood(float(v), threshold) for v in values if np.isfinite(v))
-
-
-def verdict_of(value: float, threshold: float) -> str:
-    return "OOD" if is_ood(value, threshold) else "in-distribution" if np.isfinite(value) else "no verdict (NaN)"
 
 
 def verdict_sentence(row: dict, pixel: str | None) -> str:
@@ -145,10 +141,10 @@ def main() -> None:
                 continue
             row = {"image": item.name,
                    "features: percentile": round(float(percentile_of(value, ref["test__likelihood"])), 2),
-                   "features: verdict": verdict_of(float(value), threshold)}
+                   "features: verdict": verdict(float(value), threshold)}
             if pixel_ll is not None and np.isfinite(pixel_ll[i]):
                 row["pixels: percentile"] = round(float(percentile_of(pixel_ll[i], pixel_ref["test__likelihood"])), 2)
-                row["pixels: verdict"] = verdict_of(float(pixel_ll[i]), pixel_threshold)
+                row["pixels: verdict"] = verdict(float(pixel_ll[i]), pixel_threshold)
             rows.append(row)
         if rows:
             st.dataframe(pd.DataFrame(rows).set_index("image"), width="stretch")
