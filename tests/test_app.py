@@ -422,6 +422,25 @@ def test_image_panels() -> None:
     assert figures.to_display(np.zeros((1, 8, 8))).shape == (8, 8)
 
 
+def test_panel_grid_puts_each_trace_box_and_marker_on_its_own_square_axes() -> None:
+    """The grid is built in one layout update (fast); each panel must still own its axes: its image, its box
+    outline and its marker on the same x/y pair, pixels square (y anchored to x) and rows top-down."""
+    panels = [figures.Panel(np.full((6, 5), float(i)), f"p{i}", colorbar=i == 1) for i in range(5)]
+    fig = figures.panels_figure(panels, cols=2, box=(1, 2, 3, 2), marker=(4, 1))
+    images = [t for t in fig.data if isinstance(t, go.Heatmap)]
+    markers = [t for t in fig.data if isinstance(t, go.Scatter)]
+    assert len(images) == len(markers) == len(fig.layout.shapes) == 5
+    for i, (img, mark, shape) in enumerate(zip(images, markers, fig.layout.shapes, strict=True)):
+        x_ref, y_ref = ("x", "y") if i == 0 else (f"x{i + 1}", f"y{i + 1}")
+        assert float(np.asarray(img.z)[0, 0]) == i and (img.xaxis, img.yaxis) == (x_ref, y_ref)
+        assert (mark.xaxis, mark.yaxis) == (x_ref, y_ref) and (mark.x[0], mark.y[0]) == (1, 4)
+        assert (shape.xref, shape.yref) == (x_ref, y_ref) and (shape.x0, shape.y0) == (1.5, 0.5)
+        y_axis = fig.layout[f"yaxis{'' if i == 0 else i + 1}"]
+        assert y_axis.scaleanchor == x_ref and y_axis.autorange == "reversed" and y_axis.showticklabels is False
+    assert images[1].showscale and images[1].colorbar.x == fig.layout.xaxis2.domain[1]
+    assert not images[0].showscale
+
+
 def test_latent_and_coupling_figures() -> None:
     z = np.random.default_rng(0).normal(size=(1, 8, 8))
     fig = figures.latent_figure(np.zeros((8, 8), np.uint8), z)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import plotly.colors as pcolors
@@ -211,51 +212,39 @@ def panels_figure(
         horizontal_spacing=0.08 if any(p.colorbar for p in panels) else 0.02,  # colour bars sit in the gap
         vertical_spacing=min(0.08, 0.3 / rows),
     )
+    # One layout update and one add_traces for the whole grid: plotly's per-subplot row/col helpers walk the
+    # grid on every call, which made a 40-panel figure take about 0.4 s to build.
+    traces: list[go.BaseTraceType] = []
+    axes: dict[str, dict[str, Any]] = {}
+    shapes: list[dict[str, Any]] = []
+    hidden = {"showticklabels": False, "showgrid": False, "zeroline": False}
     for i, p in enumerate(panels):
-        r, c = divmod(i, cols)
+        suffix = _axis_suffix(i + 1)
+        x_ref, y_ref = f"x{suffix}", f"y{suffix}"
         trace = _panel_trace(p)
-        fig.add_trace(trace, row=r + 1, col=c + 1)
-        idx = r * cols + c + 1
+        trace.update(xaxis=x_ref, yaxis=y_ref)
         if p.colorbar and isinstance(trace, go.Heatmap):
-            x_domain = fig.layout[f"xaxis{_axis_suffix(idx)}"].domain
-            y_domain = fig.layout[f"yaxis{_axis_suffix(idx)}"].domain
-            fig.data[-1].colorbar = {"x": x_domain[1], "xanchor": "left", "y": sum(y_domain) / 2,
-                                     "len": y_domain[1] - y_domain[0], "thickness": 10}
-        fig.update_xaxes(showticklabels=False, showgrid=False, zeroline=False, row=r + 1, col=c + 1)
-        fig.update_yaxes(
-            showticklabels=False,
-            showgrid=False,
-            zeroline=False,
-            autorange="reversed",
-            scaleanchor=f"x{_axis_suffix(idx)}",
-            row=r + 1,
-            col=c + 1,
-        )
+            x_domain = fig.layout[f"xaxis{suffix}"].domain
+            y_domain = fig.layout[f"yaxis{suffix}"].domain
+            trace.colorbar = {"x": x_domain[1], "xanchor": "left", "y": sum(y_domain) / 2,
+                              "len": y_domain[1] - y_domain[0], "thickness": 10}
+        traces.append(trace)
+        axes[f"xaxis{suffix}"] = dict(hidden)
+        axes[f"yaxis{suffix}"] = {**hidden, "autorange": "reversed", "scaleanchor": x_ref}
         if box is not None:
             top, left, bh, bw = box
-            fig.add_shape(
-                type="rect",
-                x0=left - 0.5,
-                x1=left + bw - 0.5,
-                y0=top - 0.5,
-                y1=top + bh - 0.5,
-                line={"color": "#00e5ff", "width": 2},
-                row=r + 1,
-                col=c + 1,
-            )
+            shapes.append({"type": "rect", "xref": x_ref, "yref": y_ref, "x0": left - 0.5, "x1": left + bw - 0.5,
+                           "y0": top - 0.5, "y1": top + bh - 0.5, "line": {"color": "#00e5ff", "width": 2}})
         if marker is not None:
-            fig.add_trace(
-                go.Scatter(
-                    x=[marker[1]],
-                    y=[marker[0]],
-                    mode="markers",
-                    marker={"symbol": "x-thin", "size": 14, "line": {"width": 3, "color": "#00e5ff"}},
-                    showlegend=False,
-                    hoverinfo="skip",
-                ),
-                row=r + 1,
-                col=c + 1,
-            )
+            traces.append(go.Scatter(
+                x=[marker[1]], y=[marker[0]], xaxis=x_ref, yaxis=y_ref, mode="markers",
+                marker={"symbol": "x-thin", "size": 14, "line": {"width": 3, "color": "#00e5ff"}},
+                showlegend=False, hoverinfo="skip",
+            ))
+    fig.add_traces(traces)
+    fig.update_layout(axes)
+    if shapes:
+        fig.update_layout(shapes=shapes)
     fig.update_layout(
         height=rows * cell_height + 40,
         margin={"l": 5, "r": 5, "t": 30, "b": 5},

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import plotly.graph_objects as go
 import streamlit as st
 
 from flowcore.dashboard import figures, state
+
+
+@state.per_checkpoint(resource=True, max_entries=16)
+def _figure(name: str, image: np.ndarray, layers: tuple[str, ...], scale_field: str, channel: int) -> go.Figure:
+    """The coupling grid of the chosen layers, built once per choice: a 10-layer grid has 40 heatmaps and
+    plotly takes a few hundred milliseconds to build it, the largest part of a revisit. Kept as a resource
+    (not pickled): unpickling a plotly figure validates it all again."""
+    fields = ("input", scale_field, "t", "output")
+    rows = [(r["name"], {f: r[f][channel] for f in fields}) for r in state.trace(name, image) if r["name"] in layers]
+    return figures.coupling_grid(rows, fields=fields)
 
 
 def main() -> None:
@@ -33,9 +45,7 @@ def main() -> None:
     if not picked:
         st.info("Pick at least one layer.")
         return
-    fields = ("input", scale_field, "t", "output")
-    rows = [(r["name"], {f: r[f][channel] for f in fields}) for r in picked]
-    st.plotly_chart(figures.coupling_grid(rows, fields=fields), key="coupling_fig")
+    st.plotly_chart(_figure(name, image, tuple(chosen), scale_field, channel), key="coupling_fig")
     st.caption(f"{label}; {len(picked)} of {len(records)} couplings, channel {channel}. Hover for values.")
     with st.expander("Per-layer summary"):
         st.dataframe(
