@@ -32,6 +32,7 @@ __all__ = [
     "checkpoint_roots",
     "cache_dir",
     "list_checkpoints",
+    "paired_feature_flow",
     "read_config",
 ]
 
@@ -88,6 +89,30 @@ def list_checkpoints(root: Path | None = None) -> list[str]:
         if folder.is_dir():
             names |= {p.name for p in folder.iterdir() if _is_checkpoint(p)}
     return sorted(names)
+
+
+def paired_feature_flow(name: str) -> str | None:
+    """The flow on image features (Sec. 8) paired with the pixel flow ``name``: a checkpoint whose config has
+    ``features`` set to an image extractor, trained on the same dataset, whose images are brought to the pixel
+    flow's own input shape (so both flows see the same image). ``None`` when there is none; the first by name
+    when there are several."""
+    try:
+        cfg = read_config(name)
+    except CheckpointError:
+        return None
+    dataset, shape = cfg.get("dataset"), cfg.get("model", {}).get("image_shape")
+    if cfg.get("features") or not dataset or not shape:
+        return None
+    for other in list_checkpoints():
+        try:
+            pair = read_config(other)
+        except CheckpointError:
+            continue
+        features = pair.get("features")
+        if features and features != "tabular" and pair.get("dataset") == dataset \
+                and list(pair.get("input_shape") or []) == list(shape):
+            return other
+    return None
 
 
 def resolve(name_or_path: str | os.PathLike) -> Path:

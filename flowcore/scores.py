@@ -10,6 +10,10 @@
   model trained on in-distribution images with pixels replaced by uniform noise w.p. mu.
 - ``last_scale``: log N(z_S; 0, I) of the latents of the last (most global) scale alone
   (after Schirrmeister et al. 2020); ``scale_k`` gives every scale's prior term.
+- ``embedding_likelihood``: log-density of the image's ImageNet-classifier features under the flow on features
+  trained on the same data (Sec. 8, :func:`flowcore.checkpoints.paired_feature_flow`), the paper's positive
+  result. The image is the one the pixel flow sees (inverted too where ``--invert auto`` inverted it); its
+  reference values are the feature flow's own (:func:`with_embedding_reference`).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "verdict",
     "typicality_batch_test",
     "result_rows",
+    "with_embedding_reference",
     "CSV_FIELDS",
 ]
 
@@ -45,6 +50,7 @@ SCORE_DESCRIPTIONS = {
     "typicality": "-|log P(x) - mean train log P|",
     "likelihood_ratio": "log P_model(x) - log P_background(x)",
     "last_scale": "log-density of the last scale's latents alone",
+    "embedding_likelihood": "log-density of the image's classifier features under the paired flow on features",
 }
 SCORE_NAMES = tuple(SCORE_DESCRIPTIONS)
 
@@ -91,11 +97,14 @@ def compute_scores(
     batch_size: int = 256,
     device: str = "cpu",
     progress=None,
+    *,
+    feature_flow: nn.Module | None = None,
 ) -> dict[str, np.ndarray]:
     """Every available score for a batch of uint8 images, plus ``bpd`` and per-scale terms.
 
     ``reference`` (a checkpoint's reference statistics) provides ``H`` for typicality; without it or
-    without a ``background`` model those scores are left out. Each row is a function of its image alone
+    without a ``background`` model those scores are left out; ``feature_flow`` (the paired flow on features)
+    adds ``embedding_likelihood``, each image embedded alone. Each row is a function of its image alone
     (dequantization noise is keyed by the image's pixels: see ``log_likelihood_terms``).
     """
     x = as_image_tensor(images)
@@ -117,7 +126,22 @@ def compute_scores(
         bg = log_likelihood_terms(background, x, n_draws, seed, "uniform", batch_size, device)["log_likelihood"]
         out["background_likelihood"] = bg
         out["likelihood_ratio"] = ll - bg
+    if feature_flow is not None:
+        from .vectors import image_log_likelihood  # the optional extractor is imported only when asked for
+
+        out["embedding_likelihood"] = image_log_likelihood(feature_flow, np.asarray(images))
     return out
+
+
+def with_embedding_reference(
+    reference: dict[str, np.ndarray], feature_reference: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A pixel flow's reference plus its paired feature flow's likelihoods as ``{set}__embedding_likelihood``:
+    percentiles, thresholds and AUROCs of ``embedding_likelihood`` are read against the feature flow's own
+    reference images (its sets are those it was evaluated on)."""
+    extra = {k[: -len("likelihood")] + "embedding_likelihood": v
+             for k, v in feature_reference.items() if k.endswith("__likelihood")}
+    return {**reference, **extra}
 
 
 def auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:

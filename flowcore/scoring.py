@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scores import CSV_FIELDS, SCORE_NAMES, compute_scores, result_rows
+from .scores import CSV_FIELDS, SCORE_NAMES, compute_scores, result_rows, with_embedding_reference
 
 __all__ = ["score_files", "write_rows"]
 
@@ -35,7 +35,7 @@ def score_files(
     from tqdm.auto import tqdm
 
     from . import distributed as dist
-    from .checkpoints import load, read_config
+    from .checkpoints import load, paired_feature_flow, read_config
     from .evaluate import load_reference
     from .images import ImageError, display_path, find_image_files, load_image_file
 
@@ -52,6 +52,14 @@ def score_files(
         if not cfg.get("background"):
             raise ValueError(f"{checkpoint} has no background model, so no likelihood_ratio score")
         background = load(cfg["background"], device=device)
+    feature_flow = None
+    if score == "embedding_likelihood" and not cfg.get("features"):
+        pair = paired_feature_flow(checkpoint)
+        if pair is None:
+            raise ValueError(f"{checkpoint} has no paired flow on image features (one trained on "
+                             f"{cfg.get('dataset')} at its input size), so no embedding_likelihood score")
+        feature_flow = load(pair, device=device)
+        reference = with_embedding_reference(reference, load_reference(pair))
     ref_key = f"test__{score}"
     if ref_key not in reference:
         raise ValueError(
@@ -88,7 +96,8 @@ def score_files(
             batch = np.stack(arrays[start : start + batch_size])
             # the model sees one image at a time: float32 convolutions round differently with the batch size
             # (1e-4 nats), and a file's score must be bitwise the same alone, in any company and in the app
-            s = compute_scores(model, batch, reference, background, n_draws, seed, 1, device)
+            s = compute_scores(model, batch, reference, background, n_draws, seed, 1, device,
+                               feature_flow=feature_flow)
             if score not in s:
                 raise ValueError(f"unknown score {score!r}; available: {', '.join(SCORE_NAMES)}")
             rows += result_rows(good[start : start + batch_size], s, score, reference, fpr)

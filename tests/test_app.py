@@ -633,6 +633,7 @@ def feature_env(tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.Mon
     shutil.copytree(ckpts, mine)
     monkeypatch.setattr(embeddings, "extract", fake_extract)
     monkeypatch.setattr(embeddings, "load_extractor", lambda: None)
+    monkeypatch.setattr(embeddings, "extractor_installed", lambda: True)
     monkeypatch.setenv("FLOWCORE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(mine))
     monkeypatch.setenv("FLOWCORE_DATA_DIR", str(data))
@@ -695,6 +696,37 @@ def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: 
     for name in EXAMPLE_SETS:
         flagged = int((image_log_likelihood(model, load_examples(name)) < threshold).sum())
         assert examples.loc[name, "flagged OOD (features)"] == flagged, name
+
+
+def test_score_page_offers_the_paired_feature_flows_likelihood(feature_env: tuple[Path, Path]) -> None:
+    """Where a flow on features was trained on the pixel flow's data, its likelihood is one more score on the
+    Score page: percentile and verdict against that flow's own test images, its AUROC row beside the others."""
+    import flowcore
+    from flowcore.scores import ood_threshold, percentile_of, verdict
+    from flowcore.vectors import image_log_likelihood
+
+    ckpts, data = feature_env
+    at = start()
+    def offered(at: AppTest) -> list[str]:
+        return [o.split(":")[0] for o in at.selectbox(key="score_choice").options]
+
+    assert "likelihood" in offered(at) and "embedding_likelihood" not in offered(at)  # fashion_realnvp: no pair
+    at.sidebar.selectbox(key=state.CHECKPOINT_KEY).set_value("rgb_realnvp").run()
+    faces = np.load(data / "rgb.npz")["x_test"]
+    at.session_state[state.ADDED_KEY] = [state.InputImage("face.png", png_bytes(faces[0]), "upload")]
+    at.run()
+    assert "embedding_likelihood" in offered(at)
+    at.selectbox(key="score_choice").set_value("embedding_likelihood").run()
+    assert not at.exception, at.exception
+    reference = np.load(ckpts / "rgb_embeddings" / "reference.npz")["test__likelihood"]
+    value = float(image_log_likelihood(flowcore.load(ckpts / "rgb_embeddings"), faces[:1])[0])
+    shown = next(m for m in at.metric if m.label.startswith("verdict at"))
+    assert shown.label.endswith("(embedding_likelihood)")
+    assert shown.value == verdict(value, ood_threshold(reference, 0.05))
+    assert f"embedding_likelihood = {value:.4g}, percentile {float(percentile_of(value, reference)):.2f} %" in texts(at)
+    pair_auroc = json.loads((ckpts / "rgb_embeddings" / "config.json").read_text())["reference"]["auroc"]
+    rows = {r["score"]: r for r in state.auroc_rows("rgb_realnvp")}
+    assert rows["embedding_likelihood"]["mnist"] == pytest.approx(pair_auroc["likelihood"]["mnist"])
 
 
 def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_env: tuple[Path, Path]) -> None:

@@ -116,3 +116,55 @@ def test_score_command_on_a_feature_flow(fake, capsys):
     assert code == 1 and "broken.png" in err
     assert rows["blob.png"]["ood"] is False and rows["noise.png"]["ood"] is True and rows["blob.png"]["bpd"] == ""
     assert main(["score", str(ck), str(tmp_path / "blob.png"), "--score", "typicality"]) == 2
+
+
+def test_embedding_likelihood_is_a_score_of_the_paired_pixel_flow(fake, capsys, monkeypatch):
+    """`flowcore score PIXEL --score embedding_likelihood` gives each file exactly what the paired flow on features
+    gives it (value, percentile, verdict against that flow's own test images); a pixel flow without a pair refuses."""
+    from PIL import Image
+
+    from flowcore.checkpoints import paired_feature_flow
+    from flowcore.evaluate import evaluate
+
+    tmp_path, _ = fake
+    zoo = tmp_path / "zoo"
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(zoo))
+    (tmp_path / "cfg.json").write_text(json.dumps(_config(tmp_path)))
+    main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--export",
+          str(zoo / "blobs_embeddings"), "--no-progress"])
+    main(["evaluate", "blobs_embeddings", "--train-subset", "100"])
+    blobs = f"npz:{tmp_path / 'blobs.npz'}"
+    for name, dataset, shape in (("blobs_realnvp", blobs, [1, 8, 8]), ("noise_realnvp", "npz:elsewhere", [1, 8, 8]),
+                                 ("blobs_wide", blobs, [1, 10, 10])):
+        torch.manual_seed(0)
+        pixel = flowcore.build({"arch": "realnvp", "image_shape": shape, "scales": 1, "hidden": 4, "blocks": 1})
+        flowcore.save(pixel, zoo / name, name=name, dataset=dataset)
+    evaluate("blobs_realnvp", ood=[f"npz:{tmp_path / 'noise.npz'}"], train_subset=20)
+    assert paired_feature_flow("blobs_realnvp") == "blobs_embeddings"
+    assert paired_feature_flow("noise_realnvp") is None  # another dataset
+    assert paired_feature_flow("blobs_wide") is None  # another input size: the two flows would see other images
+    assert paired_feature_flow("blobs_embeddings") is None  # a flow on features has no pair of its own
+
+    x = np.load(tmp_path / "blobs.npz")["x_test"]
+    for i in range(3):
+        Image.fromarray(x[i]).save(tmp_path / f"b{i}.png")
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "n.png")
+    files = [str(tmp_path / n) for n in ("b0.png", "b1.png", "b2.png", "n.png")]
+    capsys.readouterr()
+    assert main(["score", "blobs_embeddings", *files, "--format", "json", "--no-progress"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert main(["score", "blobs_realnvp", *files, "--format", "json", "--no-progress",
+                 "--score", "embedding_likelihood", "--invert", "no"]) == 0
+    paired = json.loads(capsys.readouterr().out)
+    assert [r["score"] for r in paired] == ["embedding_likelihood"] * 4
+    assert [r["value"] for r in paired] == [r["value"] for r in alone]
+    assert [(r["percentile"], r["ood"]) for r in paired] == [(r["percentile"], r["ood"]) for r in alone]
+    assert paired[-1]["ood"] is True and all(r["bpd"] != "" for r in paired)  # the pixel flow's own bpd too
+    # both flows score the image the pixel flow sees: a light-bordered grey image inverted by --invert auto
+    assert main(["score", "blobs_realnvp", files[-1], "--format", "json", "--no-progress",
+                 "--score", "embedding_likelihood"]) == 0
+    inverted = 255 - np.asarray(Image.open(files[-1]))
+    want = vectors.image_log_likelihood(flowcore.load("blobs_embeddings"), inverted[None])[0]
+    assert json.loads(capsys.readouterr().out)[0]["value"] == pytest.approx(float(want), abs=1e-4)
+    assert main(["score", "noise_realnvp", files[0], "--score", "embedding_likelihood"]) == 2
+    assert "no paired flow on image features" in capsys.readouterr().err

@@ -22,7 +22,15 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 import flowcore
 from flowcore import embeddings
-from flowcore.checkpoints import DEFAULT_MODEL, CheckpointError, checkpoints_dir, list_checkpoints, read_config, resolve
+from flowcore.checkpoints import (
+    DEFAULT_MODEL,
+    CheckpointError,
+    checkpoints_dir,
+    list_checkpoints,
+    paired_feature_flow,
+    read_config,
+    resolve,
+)
 
 # the page guard and the shared inputs, re-exported so that a page needs ``state`` alone
 from flowcore.dashboard.guard import LOG, NoCheckpoint, one_line, run_page
@@ -49,7 +57,7 @@ from flowcore.evaluate import auroc_table, default_ood_sets, load_reference, set
 from flowcore.inspection import default_box
 from flowcore.likelihood import nats_to_bpd
 from flowcore.models import latent_scale_map
-from flowcore.scores import SCORE_NAMES, compute_scores
+from flowcore.scores import SCORE_NAMES, compute_scores, with_embedding_reference
 from flowcore.vectors import image_log_likelihood
 
 __all__ = [
@@ -222,8 +230,24 @@ def config(name: str) -> dict[str, Any]:
 
 @per_checkpoint(max_entries=16)
 def reference(name: str) -> dict[str, np.ndarray]:
-    """The checkpoint's per-image reference scores (``{}`` before ``flowcore evaluate``)."""
-    return load_reference(name)
+    """The checkpoint's per-image reference scores (``{}`` before ``flowcore evaluate``), with its paired flow on
+    features' likelihoods as ``embedding_likelihood`` where there is one (:func:`paired_flow`)."""
+    ref = load_reference(name)
+    pair = paired_flow(name)
+    if ref and pair:
+        pair_ref = load_reference(pair)
+        if "test__likelihood" in pair_ref:
+            return with_embedding_reference(ref, pair_ref)
+    return ref
+
+
+@per_checkpoint(max_entries=64)
+def paired_flow(name: str) -> str | None:
+    """The flow on image features paired with the pixel flow ``name`` (Sec. 8), when one is shipped and the
+    optional extractor is installed: its likelihood is then one more score on the pixel pages."""
+    if not embeddings.extractor_installed():
+        return None
+    return paired_feature_flow(name)
 
 
 def background_name(name: str) -> str | None:
@@ -245,10 +269,14 @@ def has_batchnorm(m: nn.Module) -> bool:
 
 def auroc_rows(name: str) -> list[dict[str, Any]]:
     """AUROC table rows ``{score, <ood set>: value, ...}``: config.json's summary, else computed."""
-    table = (config(name).get("reference") or {}).get("auroc") or {}
+    table = dict((config(name).get("reference") or {}).get("auroc") or {})
     if not table:
         ref = reference(name)
         table = auroc_table(ref) if ref else {}
+    pair = paired_flow(name)
+    pair_row = ((config(pair).get("reference") or {}).get("auroc") or {}).get("likelihood") if pair else None
+    if pair_row and "embedding_likelihood" not in table:
+        table["embedding_likelihood"] = pair_row
     return [{"score": score, **{s: float(v) for s, v in row.items()}} for score, row in table.items()]
 
 
@@ -378,6 +406,10 @@ def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np
     n_draws, seed = int(summary.get("n_draws", 1)), int(summary.get("seed", 0))
     with st.spinner("Scoring..."):
         rows = [_score_one(name, a, n_draws, seed) for a in arrays]
+        pair = paired_flow(name)
+        if pair and rows:  # the paired flow on features: each image embedded alone, cached per image
+            for row, a in zip(rows, arrays, strict=True):
+                row["embedding_likelihood"] = _feature_score(pair, a)
     if not rows:
         return {}
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
