@@ -667,13 +667,13 @@ def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: 
     assert at.selectbox(key="features_pixel").value == "rgb_realnvp"  # the pixel flow on the same data
     cfg = json.loads((ckpts / "rgb_embeddings" / "config.json").read_text())
     ours = cfg["reference"]["auroc"]["likelihood"]["mnist"]
-    aurocs = next(d.value for d in at.dataframe if d.value.index.name == "OOD set")
-    assert aurocs.loc["mnist", "rgb_embeddings (features)"] == pytest.approx(100 * ours, abs=0.05)
+    aurocs = next(d.value for d in at.table if d.value.index.name == "OOD set")
+    assert float(aurocs.loc["mnist", "rgb_embeddings (features)"]) == pytest.approx(100 * ours, abs=0.05)
     assert f"mnist ({100 * ours:.1f} %)" in texts(at)  # the sentence quotes this flow's own AUROC
 
     model = flowcore.load(ckpts / "rgb_embeddings")
     reference = np.load(ckpts / "rgb_embeddings" / "reference.npz")["test__likelihood"]
-    yours = next(d.value for d in at.dataframe if d.value.index.name == "image")
+    yours = next(d.value for d in at.table if d.value.index.name == "image")
     expected = percentile_of(image_log_likelihood(model, faces[:1])[0], reference)
     assert yours.loc["face.png", "features: percentile"] == pytest.approx(float(expected), abs=0.01)
     assert "pixels: verdict" in yours.columns
@@ -692,7 +692,7 @@ def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: 
     assert any(t.get("name") == "face.png" and t.get("mode") == "lines" for spec in specs for t in spec["data"])
 
     threshold = ood_threshold(reference, 0.05)
-    examples = next(d.value for d in at.dataframe if d.value.index.name == "set")
+    examples = next(d.value for d in at.table if d.value.index.name == "set")
     for name in EXAMPLE_SETS:
         flagged = int((image_log_likelihood(model, load_examples(name)) < threshold).sum())
         assert examples.loc[name, "flagged OOD (features)"] == flagged, name
@@ -727,6 +727,19 @@ def test_score_page_offers_the_paired_feature_flows_likelihood(feature_env: tupl
     pair_auroc = json.loads((ckpts / "rgb_embeddings" / "config.json").read_text())["reference"]["auroc"]
     rows = {r["score"]: r for r in state.auroc_rows("rgb_realnvp")}
     assert rows["embedding_likelihood"]["mnist"] == pytest.approx(pair_auroc["likelihood"]["mnist"])
+
+
+def test_study_variants_are_not_offered_as_the_feature_flows_pixel_counterparts(feature_env: tuple[Path, Path]) -> None:
+    """A fine-tune or a negative-training variant of a pixel flow is a study, not "the pixel flow on the same
+    data": the features page and the tour compare the feature flow with plain pixel flows only."""
+    ckpts, _ = feature_env
+    for variant, key in (("rgb_realnvp_finetune", "init_from"), ("rgb_realnvp_negative", "negative")):
+        shutil.copytree(ckpts / "rgb_realnvp", ckpts / variant)
+        cfg = json.loads((ckpts / variant / "config.json").read_text())
+        cfg.setdefault("training", {})[key] = "rgb_realnvp" if key == "init_from" else {"dataset": "mnist"}
+        (ckpts / variant / "config.json").write_text(json.dumps(cfg))
+    assert {"rgb_realnvp_finetune", "rgb_realnvp_negative"} <= set(state.checkpoint_options())
+    assert state.pixel_counterparts("rgb_embeddings") == ["rgb_realnvp"]
 
 
 def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_env: tuple[Path, Path]) -> None:

@@ -437,7 +437,8 @@ def feature_scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> np.n
 
 
 def pixel_counterparts(name: str) -> list[str]:
-    """The plain pixel flows (no background model) trained on the same dataset as the feature flow ``name``."""
+    """The plain pixel flows trained on the same dataset as the feature flow ``name``: no background model, and
+    not a study variant (a fine-tune or negative training of another checkpoint, App. B)."""
     dataset = config(name).get("dataset")
     out = []
     for n in checkpoint_options():
@@ -445,7 +446,10 @@ def pixel_counterparts(name: str) -> list[str]:
             cfg = config(n)
         except CheckpointError:
             continue
-        if cfg.get("dataset") == dataset and not cfg.get("background") and cfg["model"].get("image_shape"):
+        training = cfg.get("training") or {}
+        variant = training.get("init_from") or training.get("negative")
+        if cfg.get("dataset") == dataset and not cfg.get("background") and cfg["model"].get("image_shape") \
+                and not variant:
             out.append(n)
     return out
 

@@ -26,7 +26,7 @@ def auroc_frame(name: str, pixel_flows: list[str]) -> pd.DataFrame:
     columns.update({f"{p} (pixels)": measure.likelihood_aurocs(p) for p in pixel_flows})
     frame = pd.DataFrame(columns) * 100
     frame.index.name = "OOD set"
-    return frame.round(1)
+    return frame.round(1).map(lambda v: "–" if pd.isna(v) else f"{v:.1f}")  # one decimal, as on every page
 
 
 def flagged(values: np.ndarray, threshold: float) -> int:
@@ -119,7 +119,7 @@ def main() -> None:
     pixel_threshold = ood_threshold(pixel_ref["test__likelihood"], fpr) if "test__likelihood" in pixel_ref else None
 
     st.subheader("AUROC, likelihood (%)")
-    st.dataframe(auroc_frame(name, pixel_flows), width="stretch")
+    st.table(auroc_frame(name, pixel_flows))  # a table wraps to its column: a dataframe was cut at 1024x768
     st.caption("100 % = the model ranks every in-distribution test image above every OOD image; 50 % = chance; "
                "below 50 % = the OOD images look *more* likely.")
 
@@ -147,7 +147,7 @@ def main() -> None:
                 row["pixels: verdict"] = verdict(float(pixel_ll[i]), pixel_threshold)
             rows.append(row)
         if rows:
-            st.dataframe(pd.DataFrame(rows).set_index("image"), width="stretch")
+            st.table(pd.DataFrame(rows).set_index("image"))
             for row in rows[:12]:
                 st.markdown(verdict_sentence(row, pixel))
         draw_reference(name, ref, [(item.name, float(v)) for (item, _), v in zip(good, ll, strict=True)],
@@ -168,7 +168,7 @@ def main() -> None:
             px = state.scores(pixel, load_examples(dataset, state.image_shape(pixel)))["likelihood"]
             row["flagged OOD (pixels)"] = flagged(px[np.isfinite(px)], pixel_threshold)
         rows.append(row)
-    st.dataframe(pd.DataFrame(rows).set_index("set"), width="stretch")
+    st.table(pd.DataFrame(rows).set_index("set"))
     dataset = set_label(str(state.config(name).get("dataset", "")))
     st.caption(f"The first test images of each set bundled with the package, at a false-positive rate of "
                f"{100 * fpr:.0f} % on {dataset}'s test images: a good detector flags about that share of "

@@ -89,7 +89,8 @@ def step_changes(name: str, image: np.ndarray) -> None:
            if better else "no variant ranks it lower than its control")
         + f" ({len(better)} of {len(rows)})."
     )
-    st.dataframe(pd.DataFrame(rows), hide_index=True, key="tour_variants")
+    variants = pd.DataFrame(rows)
+    st.table(variants.set_index(variants.columns[0]))  # tables wrap to the column: readable on a 1024x768 projector
 
 
 def step_scores(name: str, image: np.ndarray) -> None:
@@ -106,7 +107,7 @@ def step_scores(name: str, image: np.ndarray) -> None:
         + (f", against {100 * like:.1f} % for the likelihood itself." if like is not None else ".")
     )
     df = pd.DataFrame([{"score": r["score"], f"AUROC vs {ood} (%)": round(100 * r[ood], 1)} for r in table])
-    st.dataframe(df, hide_index=True, key="tour_scores")
+    st.table(df.set_index("score"))
 
 
 def step_features(name: str, image: np.ndarray) -> None:
@@ -122,7 +123,7 @@ def step_features(name: str, image: np.ndarray) -> None:
         st.markdown(measure.features_finding(flow, pixels))
         rows = {f"{flow} (features)": measure.likelihood_aurocs(flow),
                 **{f"{p} (pixels)": measure.likelihood_aurocs(p) for p in pixels}}
-        st.dataframe((pd.DataFrame(rows) * 100).round(1), key=f"tour_features_{flow}")
+        st.table((pd.DataFrame(rows) * 100).round(1))
     st.page_link("views/features.py", label="Score your own images with both", icon=":material/verified:")
 
 
