@@ -11,6 +11,7 @@ Table 1 (shared/paper/tables.md, AUROC in %).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -222,6 +223,9 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         )
     else:
         lines.append(_bpd_line(cfg, ref))
+        curve = _epoch_curve(name)
+        if curve:
+            lines.append(curve)
     table = auroc_table(load_reference(name))
     sets = sorted({s for row in table.values() for s in row})
     if cfg.get("features") == "tabular":
@@ -242,6 +246,22 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     section = "\n".join(lines)
     card = section.replace("../checkpoints/" + name + "/", "")
     return section, card
+
+
+def _epoch_curve(name: str) -> str | None:
+    """The test bpd the run logged after each epoch (its own test subset), from the run's shipped log, so a card
+    shows whether more epochs would still help; None without a log or with fewer than two epochs."""
+    log = ROOT / "runs" / name / "log.jsonl"
+    if not log.is_file():
+        return None
+    epochs = [json.loads(line) for line in log.read_text().splitlines() if '"event": "epoch"' in line]
+    values = [e["test_bpd"] for e in epochs if e.get("test_bpd") is not None]
+    if len(values) < 2:
+        return None
+    steps = [b - a for a, b in zip(values, values[1:], strict=False)]
+    return (f"- Test bpd after each epoch (the run's log, `runs/{name}/log.jsonl`): "
+            + ", ".join(f"{v:.3f}" for v in values)
+            + f"; the last epoch changed it by {steps[-1]:+.3f}")
 
 
 def _bpd_line(cfg: dict, ref: dict) -> str:

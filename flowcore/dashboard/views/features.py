@@ -92,7 +92,7 @@ def main() -> None:
     except ExtractorMissing as e:
         st.info(f"This page needs the image feature extractor: {e}.")
         return
-    c1, c2, c3 = st.columns([2, 2, 2])
+    c1, c2, c3 = st.columns([3, 2, 2])  # the flow's name and data set must fit at 1024x768
     if st.session_state.get("features_flow") not in names:  # start on the flow trained on the sidebar model's data
         shown = state.selected_checkpoint()
         dataset = state.config(shown).get("dataset") if shown else None
