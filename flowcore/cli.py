@@ -284,12 +284,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .checkpoints import CheckpointError
     from .data import DatasetNotFound
+    from .embeddings import ExtractorMissing
 
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("FLOWCORE_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (CheckpointError, DatasetNotFound, OSError, ValueError) as e:
+    except (CheckpointError, DatasetNotFound, ExtractorMissing, OSError, ValueError) as e:
         if debug:  # the full traceback, for a bug hiding behind a one-line message
             raise
         print(f"flowcore {args.command}: error: {e}", file=sys.stderr)

@@ -168,3 +168,26 @@ def test_embedding_likelihood_is_a_score_of_the_paired_pixel_flow(fake, capsys, 
     assert json.loads(capsys.readouterr().out)[0]["value"] == pytest.approx(float(want), abs=1e-4)
     assert main(["score", "noise_realnvp", files[0], "--score", "embedding_likelihood"]) == 2
     assert "no paired flow on image features" in capsys.readouterr().err
+
+
+def test_cli_without_the_extractor_says_how_to_install_it(fake, capsys, monkeypatch):
+    """Scoring with a flow on features where the optional extractor is not installed: one line naming the extra,
+    exit 2, no traceback."""
+    tmp_path, _ = fake
+    (tmp_path / "cfg.json").write_text(json.dumps(_config(tmp_path)))
+    ck = tmp_path / "ck"
+    main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--export", str(ck),
+          "--no-progress"])
+    main(["evaluate", str(ck), "--train-subset", "100"])
+    from PIL import Image
+
+    Image.fromarray(np.load(tmp_path / "blobs.npz")["x_test"][0]).save(tmp_path / "blob.png")
+
+    def missing(*args, **kwargs):
+        raise embeddings.ExtractorMissing('image embeddings need the optional packages: pip install -e ".[embeddings]"')
+
+    monkeypatch.setattr(embeddings, "extract", missing)
+    capsys.readouterr()
+    assert main(["score", str(ck), str(tmp_path / "blob.png"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "[embeddings]" in err and "Traceback" not in err
