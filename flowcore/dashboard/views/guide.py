@@ -22,7 +22,9 @@ and a sentence measured on the shipped default model: a ready-made class demo.
 images and on OOD sets, with your images as vertical lines; the percentile among test images and a verdict
 at a chosen false-positive rate. Look for: the OOD sets sitting at *lower* bits/dim (higher likelihood)
 than the test set, and AUROC values below 0.5. Other scores (input complexity, typicality, likelihood
-ratio, last-scale density) try to fix this; compare their AUROC with raw likelihood.
+ratio, last-scale density) try to fix this; compare their AUROC with raw likelihood. A model with a flow on
+features trained on the same data (e.g. `cifar10_realnvp`) also offers that flow's likelihood,
+`embedding_likelihood` (Sec. 8).
 
 **What works: flows on features** (Sec. 8). The paper's positive result: the same kind of flow, trained on the
 features an ImageNet classifier computes for each image (EfficientNet-Lite0 here), ranks OOD images lower.
