@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --checkpoint fashion_realnvp --threads 2
     python benchmarks/throughput.py --config configs/fashion_glow_appc.json --batch 32 --repeats 2
     python benchmarks/throughput.py --variants            # + the training step in channels_last and compiled
+    python benchmarks/throughput.py --profile             # + where a training step's time goes (by operator kind)
 
 Prints img/s, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) and that as a fraction of
 the float32 matmul GFLOP/s measured here, so numbers from a busy or a different machine stay comparable.
@@ -114,6 +115,38 @@ def train_step_variants(model_cfg: dict, batch: int, repeats: int) -> dict[str, 
     return out
 
 
+# operator-name fragments of each kind a training step's time is split into (forward and backward alike)
+KINDS = {"convolution": ("convolution",), "batch norm": ("batch_norm",)}
+
+
+def train_step_profile(model_cfg: dict, batch: int, steps: int = 5) -> dict[str, float]:
+    """Share of a training step's CPU time (torch.profiler, self time, ``steps`` steps after a warm-up) spent in
+    convolutions, in batch norm, and in everything else: what a faster step could still win."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    m = flowcore.build(model_cfg)
+    m.train()
+    opt = torch.optim.Adam(m.parameters(), 1e-5)
+    v = (torch.randint(0, 256, (batch, *model_cfg["image_shape"])).float() + 0.5) / 256
+
+    def step():
+        opt.zero_grad()
+        (-m.log_prob(v).mean()).backward()
+        opt.step()
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    totals = {kind: 0.0 for kind in KINDS} | {"everything else": 0.0}
+    for event in prof.key_averages():
+        kind = next((k for k, frags in KINDS.items() if any(f in event.key for f in frags)), "everything else")
+        totals[kind] += event.self_cpu_time_total
+    whole = sum(totals.values())
+    return {k: v / whole for k, v in totals.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", action="append", default=None)
@@ -123,6 +156,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", action="store_true",
                    help="also time the training step in channels_last and under torch.compile (minutes)")
+    p.add_argument("--profile", action="store_true", help="also split a training step's time by operator kind")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -149,6 +183,12 @@ def main() -> None:
             print(f"{name}: training step eager {1000 * v['eager']:.0f} ms; channels_last "
                   f"{v['eager'] / v['channels_last']:.2f}x; torch.compile {v['eager'] / v['compiled']:.2f}x "
                   f"(after {v['compile_seconds']:.0f} s of compilation); ratios measured in this run")
+    if args.profile:
+        for name, model in models.items():
+            shares = train_step_profile(model.config.to_dict(), args.batch)
+            print(f"{name}: training step time, " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
+                  + f" (torch.profiler self CPU time); removing everything but convolutions would give at most "
+                  f"{1 / shares['convolution']:.2f}x")
 
 
 if __name__ == "__main__":
