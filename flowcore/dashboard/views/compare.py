@@ -52,16 +52,11 @@ def column(name: str, units: str, key: str) -> dict[str, np.ndarray]:
     st.plotly_chart(
         figures.histogram(state.score_values(name, "likelihood", units), markers, xlabel), key=f"cmp_hist_{key}"
     )
-    table = state.auroc_percent_table(name)
-    if table is not None:
-        st.table(table)
-    if not good:
-        return {}
-    return {
-        "names": np.array([item.name for item, _ in good]),
-        "bpd": res["bpd"],
-        "percentile": percentile_of(res["likelihood"], ref["test__likelihood"]),
-    }
+    out: dict = {"auroc": state.auroc_percent_table(name)}  # drawn full width below both columns
+    if good:
+        out.update(names=np.array([item.name for item, _ in good]), bpd=res["bpd"],
+                   percentile=percentile_of(res["likelihood"], ref["test__likelihood"]))
+    return out
 
 
 def main() -> None:
@@ -90,18 +85,25 @@ def main() -> None:
         rb = {}
         if b != a:
             state.run_page(lambda: rb.update(column(b, units, "b")))
-    if ra and rb and len(ra["names"]) == len(rb["names"]):
+    # tables below both columns, full width: half a 1024x768 page cut a four-set AUROC table
+    tables = [(n, r["auroc"]) for n, r in ((a, ra), (b, rb)) if r.get("auroc") is not None]
+    if tables:
+        st.subheader("AUROC % of every score")
+        for n, table in tables:
+            st.markdown(f"**{n}** (in-distribution test vs each OOD set)")
+            st.table(table)
+    if "names" in ra and "names" in rb and len(ra["names"]) == len(rb["names"]):
         st.subheader("Your inputs under both models")
         df = pd.DataFrame(
             {
                 "image": ra["names"],
-                f"bpd {a}": np.round(ra["bpd"], 4),
-                f"bpd {b}": np.round(rb["bpd"], 4),
-                f"percentile {a}": np.round(ra["percentile"], 1),
-                f"percentile {b}": np.round(rb["percentile"], 1),
+                f"bpd {a}": [f"{v:.4f}" for v in ra["bpd"]],
+                f"bpd {b}": [f"{v:.4f}" for v in rb["bpd"]],
+                f"percentile {a}": [f"{v:.1f}" for v in ra["percentile"]],
+                f"percentile {b}": [f"{v:.1f}" for v in rb["percentile"]],
             }
         )
-        st.dataframe(df, hide_index=True)
+        st.table(df.set_index("image"))
     with st.expander("Every checkpoint"):
         st.dataframe(overview(options), hide_index=True)
 
