@@ -209,7 +209,7 @@ def panels_figure(
         rows=rows,
         cols=cols,
         subplot_titles=[p.title for p in panels] if titles else None,
-        horizontal_spacing=0.08 if any(p.colorbar for p in panels) else 0.02,  # colour bars sit in the gap
+        horizontal_spacing=0.14 if any(p.colorbar for p in panels) else 0.02,  # colour bars and ticks sit in the gap
         vertical_spacing=min(0.08, 0.3 / rows),
     )
     # One layout update and one add_traces for the whole grid: plotly's per-subplot row/col helpers walk the

@@ -59,7 +59,8 @@ def main() -> None:
     index = (int(st.session_state[C_KEY]), int(st.session_state[H_KEY]), int(st.session_state[W_KEY]))
     with right:
         t1, t2 = st.columns(2)
-        show_footprint = t1.toggle("Also show the mean footprint", value=True, key="rf_show_fp")
+        show_footprint = t1.toggle("Mean footprint", value=True, key="rf_show_fp",
+                                   help="Also draw the mean |dz/dx| over the sampled latent positions")
         log = t2.toggle("Log colour scale", value=False, key="rf_log", help="log10 over six decades below the peak")
         n_positions = st.slider(
             "Latent positions sampled for the footprint", 8, 256, 48, 8, key="rf_positions", disabled=not show_footprint
