@@ -40,7 +40,8 @@ def main() -> None:
     out = state.resampled(name, image, box, n, temperature, seed)
     images = [np.asarray(image, dtype=np.float64) / 255.0] + [figures.to_display(x) for x in out]
     titles = ["original"] + [f"draw {i + 1}" for i in range(len(out))]
-    st.plotly_chart(figures.image_grid(images, titles, cols=min(9, len(images)), box=box), key="rs_fig")
+    # at most five a row: nine in a row were 50 pixels wide each on a 1024x768 projector
+    st.plotly_chart(figures.image_grid(images, titles, cols=min(5, len(images)), box=box), key="rs_fig")
     st.caption(f"{label}; box top {top}, left {left}, {bh}x{bw} pixels (cyan), temperature {temperature:g}.")
     text, outside = measure.resampling_sentence(image, out, box)
     st.markdown(text)
