@@ -360,8 +360,9 @@ def table1(shipped: set[str]) -> list[str]:
 
 # The paper's findings outside Table 1, each checked on the shipped checkpoint(s) it concerns:
 # (claim, the paper's statement, [(checkpoint, OOD set)], expectation): the expectation is a side of 50 % ("<"
-# or ">"), (control,): above the control checkpoint on the same OOD set, (control, "not above"): not above it,
-# (control, "report"): the control shown, no verdict, or None: report only.
+# or ">"), ">>" a clear separation (AUROC >= CLEAR), (control,): above the control checkpoint on the same OOD set,
+# (control, "not above"): not above it, (control, "report"): the control shown, no verdict, or None: report only.
+CLEAR = 0.9  # AUROC a "clear separation" row needs (the paper's histograms for these panels barely overlap)
 CLAIMS = [
     ("Sec. 7 (Fig. 15): single-scale checkerboard mask, Fashion-MNIST -> MNIST", "fails (Fig. 15a)",
      [("fashion_realnvp_checkerboard", "mnist")], "<"),
@@ -392,28 +393,28 @@ CLAIMS = [
     # (c), (d): the paper's third set is SVHN (not here); ours is notMNIST under the cross-domain rule, chosen
     # before the runs, as in (e) and (f)
     ("App. B (Fig. 7c): negative training by eq. 7 (CIFAR-10 up, CelebA down) separates the pair",
-     "clear separation", [("cifar10_realnvp_negative", "celeba32")], ">"),
+     "clear separation", [("cifar10_realnvp_negative", "celeba32")], ">>"),
     ("App. B (Fig. 7c): ... beyond the same fine-tune without the OOD term", "clear separation",
      [("cifar10_realnvp_negative", "celeba32")], ("cifar10_realnvp_finetune",)),
     ("App. B (Fig. 7c): ... but not a third set: notMNIST (for SVHN) no better than under the fine-tune control",
      "minimising one OOD set does not push the others down (SVHN stays as likely as CIFAR-10)",
      [("cifar10_realnvp_negative", "notmnist")], ("cifar10_realnvp_finetune", "not above")),
     ("App. B (Fig. 7d): negative training by eq. 7 (CelebA up, CIFAR-10 down) separates the pair",
-     "clear separation", [("celeba_realnvp_negative", "cifar10")], ">"),
+     "clear separation", [("celeba_realnvp_negative", "cifar10")], ">>"),
     ("App. B (Fig. 7d): ... beyond the same fine-tune without the OOD term", "clear separation",
      [("celeba_realnvp_negative", "cifar10")], ("celeba_realnvp_finetune",)),
     ("App. B (Fig. 7d): ... but not a third set: notMNIST (for SVHN) no better than under the fine-tune control",
      "minimising one OOD set does not push the others down",
      [("celeba_realnvp_negative", "notmnist")], ("celeba_realnvp_finetune", "not above")),
     ("App. B (Fig. 7e): negative training by eq. 7 (Fashion up, MNIST down) separates the pair",
-     "clear separation", [("fashion_realnvp_negative", "mnist")], ">"),
+     "clear separation", [("fashion_realnvp_negative", "mnist")], ">>"),
     ("App. B (Fig. 7e): ... beyond the same fine-tune without the OOD term", "clear separation",
      [("fashion_realnvp_negative", "mnist")], ("fashion_realnvp_finetune",)),
     ("App. B (Fig. 7e): ... but not the third set: notMNIST no better than under the fine-tune control",
      "minimising one OOD set does not push the others down (the panel's third set stays as likely)",
      [("fashion_realnvp_negative", "notmnist")], ("fashion_realnvp_finetune", "not above")),
     ("App. B (Fig. 7f): negative training by eq. 7 (MNIST up, Fashion down) separates the pair",
-     "clear separation", [("mnist_realnvp_negative", "fashion_mnist")], ">"),
+     "clear separation", [("mnist_realnvp_negative", "fashion_mnist")], ">>"),
     ("App. B (Fig. 7f): ... beside the same fine-tune without the OOD term (an MNIST flow already separates"
      " Fashion-MNIST, Table 1, so there is no room above its control)", "clear separation",
      [("mnist_realnvp_negative", "fashion_mnist")], ("mnist_realnvp_finetune", "report")),
@@ -506,7 +507,8 @@ def findings_table(shipped: set[str]) -> list[str]:
                              + f" ({_budget(side[0], shipped)})")
                 verdict = "–" if side[1:] == ("report",) else "yes" if ok else "**no**"
         else:
-            ok = all(v is not None and ((v < 0.5) if side == "<" else (v > 0.5)) for _, _, v in vals)
+            ok = all(v is not None and ((v < 0.5) if side == "<" else (v >= CLEAR) if side == ">>" else (v > 0.5))
+                     for _, _, v in vals)
             verdict = "yes" if ok else "**no**"
         rows.append(f"| {claim} | {paper} | {measured} | {verdict} |")
     return rows
@@ -573,12 +575,15 @@ def render() -> tuple[str, dict[str, str]]:
                "scikit-learn.", ""] + table2b(set(names))
     claims += ["", "## The paper's other findings, measured", "",
                "Sec. 7 and App. B state directions, not numbers: each row compares with the 50 % line or with a",
-               "control checkpoint, and gives each model's own budget. The Sec. 7 variants are smaller and trained",
-               "for less than `fashion_realnvp`; each is compared with a control of the same size and budget: the",
-               "three single-scale masks share one architecture and one epoch of training (older runs' minutes are",
-               "wall-clock minutes on a shared machine, so compare their epochs), each bottleneck width has a control",
-               "without the bottleneck trained for the same minutes, and each negative-training fine-tune has a",
-               "control fine-tuned from the same parent for the same steps without the OOD term. App. B says every",
+               f"control checkpoint (a 'clear separation' needs AUROC >= {100 * CLEAR:.0f} %), and gives each model's",
+               "own budget and test bpd. The Sec. 7 variants are smaller and trained for less than `fashion_realnvp`",
+               "and `celeba_realnvp`; each is compared with a control of the same size and budget: the three",
+               "single-scale masks share one architecture and one epoch of training on Fashion-MNIST, three on CelebA",
+               "(older runs' minutes are wall-clock minutes on a shared machine, so compare their epochs), each",
+               "bottleneck width has a control without the bottleneck trained for the same epochs, and each",
+               "negative-training fine-tune has a control fine-tuned from the same parent for the same steps without",
+               "the OOD term. A fine-tune that separates a pair by wrecking its own test likelihood shows it in its",
+               "test bpd beside its control's. App. B says every",
                "panel of Fig. 7 shows a third OOD set, and that pushing one OOD set down does not push the others",
                "down (CIFAR-10 vs CelebA leaves SVHN as likely as CIFAR-10). Panels (a) and (b) push SVHN down or",
                "up, and (c) and (d) show SVHN as their third set: no SVHN copy is reachable here, so (a) and (b) are",
