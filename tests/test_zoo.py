@@ -97,3 +97,31 @@ def test_one_agreement_rule_for_every_table1_cell():
     cells = sum(len(v) for v in results.PAPER.values())
     assert len(rows) == 2 + cells
     assert sum("no SVHN copy here" in r for r in rows) == sum("svhn" in v for v in results.PAPER.values())
+
+
+def test_a_table1_cell_reads_the_best_plain_model_and_a_continuation_counts(tmp_path, monkeypatch):
+    """Table 1's Glow cell on Fashion-MNIST reads the plain Glow with the lowest test bpd: a longer-trained
+    continuation of it counts, a fine-tune on a subset, a negative-training variant or a RealNVP do not."""
+    spec = importlib.util.spec_from_file_location("results", ROOT / "benchmarks" / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(results)
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(tmp_path))
+    glow = {"arch": "glow", "image_shape": [1, 28, 28]}
+
+    def fake(name, bpd, model=glow, training=None, train_config=None):
+        (tmp_path / name).mkdir()
+        cfg = {"name": name, "dataset": "fashion_mnist", "model": model, "reference": {"bpd_mean": bpd},
+               "training": training or {}, "train_config": train_config or {}}
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+
+    parent = {"checkpoint": "fashion_glow", "cpu_minutes": 50.0}
+    fake("fashion_glow", 3.56)
+    fake("fashion_glow_long", 3.30, training={"init_from": parent, "cpu_minutes": 60.0})
+    fake("fashion_glow_subset", 3.10, training={"init_from": parent}, train_config={"train_subset": 12800})
+    fake("fashion_glow_negative", 3.00, training={"init_from": parent, "negative": {"dataset": "mnist"}})
+    fake("fashion_realnvp", 2.90, model={"arch": "realnvp", "image_shape": [1, 28, 28]})
+    names = {p.name for p in tmp_path.iterdir()}
+    assert results.table1_model("glow", "fashion_mnist", names) == "fashion_glow_long"
+    assert results.table1_model("glow", "fashion_mnist", names - {"fashion_glow_long"}) == "fashion_glow"
+    assert results.table1_model("glow", "mnist", names) == "mnist_glow"  # none here: the zoo's name
+    assert results._total_minutes({"init_from": parent, "cpu_minutes": 60.0}) == 110.0
