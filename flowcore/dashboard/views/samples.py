@@ -22,7 +22,8 @@ def main() -> None:
     seed = int(c2.number_input("Seed", 0, 10_000, 0, key="samples_seed"))
     n = c3.slider("Number", 4, 32, 16, 4, key="samples_n")
     x = state.samples(name, n, temperature, seed)
-    st.plotly_chart(figures.image_grid(list(x), cols=8), key="samples_fig")
+    # rows about as tall as an image is wide on a laptop or projector: 150 px rows left wide gaps at 1024x768
+    st.plotly_chart(figures.image_grid(list(x), cols=8, cell_height=110), key="samples_fig")
     s = state.scores(name, x)
     ref = state.reference(name)
     text = f"Median bits/dim of these samples: {np.median(s['bpd']):.3f}"
