@@ -217,7 +217,7 @@ def panels_figure(
     traces: list[go.BaseTraceType] = []
     axes: dict[str, dict[str, Any]] = {}
     shapes: list[dict[str, Any]] = []
-    hidden = {"showticklabels": False, "showgrid": False, "zeroline": False}
+    hidden = {"showticklabels": False, "showgrid": False, "zeroline": False, "ticks": ""}  # no stray tick marks
     for i, p in enumerate(panels):
         suffix = _axis_suffix(i + 1)
         x_ref, y_ref = f"x{suffix}", f"y{suffix}"
