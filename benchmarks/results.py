@@ -165,7 +165,8 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         p = t["init_from"]
         total = (p.get("cpu_minutes") or 0) + (t.get("cpu_minutes") or 0)
         lines.append(
-            f"- Fine-tuned from `{p['checkpoint']}` ({p.get('epochs_completed', '?')} epochs, "
+            f"- {'Continued' if _is_continuation(cfg) else 'Fine-tuned'} from `{p['checkpoint']}` "
+            f"({p.get('epochs_completed', '?')} epochs, "
             f"{p.get('cpu_minutes', '?')} min): {total:.1f} CPU minutes in all"
         )
         try:
@@ -297,7 +298,7 @@ def _epoch_curve(name: str) -> str | None:
     steps = [b - a for a, b in zip(values, values[1:], strict=False)]
     return (f"- Test bpd after each epoch (the run's log, `runs/{name}/log.jsonl`): "
             + ", ".join(f"{v:.3f}" for v in values)
-            + f"; the last epoch changed it by {steps[-1]:+.3f}")
+            + f"; the last epoch changed it by {steps[-1]:+.4f}")
 
 
 def _bpd_line(cfg: dict, ref: dict) -> str:
