@@ -95,15 +95,20 @@ def test_vector_configs_are_checked(fake):
         TrainConfig.from_dict({**cfg, "features": None})
 
 
+def _trained_and_evaluated(tmp_path, ck):
+    """The blobs feature flow trained and evaluated through the CLI, exported to ``ck``."""
+    (tmp_path / "cfg.json").write_text(json.dumps(_config(tmp_path)))
+    main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--export", str(ck),
+          "--no-progress"])
+    main(["evaluate", str(ck), "--train-subset", "100"])
+    return ck
+
+
 def test_score_command_on_a_feature_flow(fake, capsys):
     from PIL import Image
 
     tmp_path, _ = fake
-    (tmp_path / "cfg.json").write_text(json.dumps(_config(tmp_path)))
-    ck = tmp_path / "ck"
-    main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--export", str(ck),
-          "--no-progress"])
-    main(["evaluate", str(ck), "--train-subset", "100"])
+    ck = _trained_and_evaluated(tmp_path, tmp_path / "ck")
     capsys.readouterr()
     blob = np.load(tmp_path / "blobs.npz")["x_test"][0]
     Image.fromarray(blob).convert("RGB").save(tmp_path / "blob.png")
@@ -174,11 +179,7 @@ def test_cli_without_the_extractor_says_how_to_install_it(fake, capsys, monkeypa
     """Scoring with a flow on features where the optional extractor is not installed: one line naming the extra,
     exit 2, no traceback."""
     tmp_path, _ = fake
-    (tmp_path / "cfg.json").write_text(json.dumps(_config(tmp_path)))
-    ck = tmp_path / "ck"
-    main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--export", str(ck),
-          "--no-progress"])
-    main(["evaluate", str(ck), "--train-subset", "100"])
+    ck = _trained_and_evaluated(tmp_path, tmp_path / "ck")
     from PIL import Image
 
     Image.fromarray(np.load(tmp_path / "blobs.npz")["x_test"][0]).save(tmp_path / "blob.png")
