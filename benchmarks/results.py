@@ -260,7 +260,7 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         )
     else:
         lines.append(_bpd_line(cfg, ref))
-        curve = _epoch_curve(name)
+        curve = _epoch_curve(name, cfg.get("metrics", {}).get("test_subset"))
         if curve:
             lines.append(curve)
     table = auroc_table(load_reference(name))
@@ -285,9 +285,10 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     return section, card
 
 
-def _epoch_curve(name: str) -> str | None:
-    """The test bpd the run logged after each epoch (its own test subset), from the run's shipped log, so a card
-    shows whether more epochs would still help; None without a log or with fewer than two epochs."""
+def _epoch_curve(name: str, subset: int | None) -> str | None:
+    """The test bpd the run logged after each epoch (on its first `subset` test images, so it differs from the
+    full-test mean above), from the run's shipped log, so a card shows whether more epochs would still help; None
+    without a log or with fewer than two epochs."""
     log = ROOT / "runs" / name / "log.jsonl"
     if not log.is_file():
         return None
@@ -296,7 +297,8 @@ def _epoch_curve(name: str) -> str | None:
     if len(values) < 2:
         return None
     steps = [b - a for a, b in zip(values, values[1:], strict=False)]
-    return (f"- Test bpd after each epoch (the run's log, `runs/{name}/log.jsonl`): "
+    on = f"the first {subset:,} test images" if subset else "the test set"
+    return (f"- Test bpd after each epoch on {on} (the run's log, `runs/{name}/log.jsonl`): "
             + ", ".join(f"{v:.3f}" for v in values)
             + f"; the last epoch changed it by {steps[-1]:+.4f}")
 

@@ -351,7 +351,8 @@ def latent_picker(z: np.ndarray, position: tuple[int, int] | None = None, title:
             )
         )
     fig.update_xaxes(showgrid=False, zeroline=False, constrain="domain")
-    fig.update_yaxes(showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x")
+    fig.update_yaxes(showgrid=False, zeroline=False, autorange="reversed", scaleanchor="x",
+                     constrain="domain")  # a narrow column shrinks the map instead of padding its row range
     fig.update_layout(
         title=title or None,
         height=380,

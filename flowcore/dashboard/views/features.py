@@ -147,7 +147,7 @@ def main() -> None:
                 row["pixels: verdict"] = verdict(float(pixel_ll[i]), pixel_threshold)
             rows.append(row)
         if rows:
-            st.table(pd.DataFrame(rows).set_index("image"))
+            st.table(pd.DataFrame(rows).set_index("image").style.format(precision=2))  # not a float's 4 decimals
             for row in rows[:12]:
                 st.markdown(verdict_sentence(row, pixel))
         draw_reference(name, ref, [(item.name, float(v)) for (item, _), v in zip(good, ll, strict=True)],

@@ -67,14 +67,17 @@ def main() -> None:
         )
         jac = np.abs(state.jacobian(name, image, index)).max(axis=0)
         fp = np.abs(state.footprint(name, image, n_positions)).max(axis=0) if show_footprint else None
-        # theme=None: Streamlit's theme would swap the colour scale for one that draws zero pink, not black
-        st.plotly_chart(figures.jacobian_figure(image, jac, index[1:], fp, log=log), key="rf_fig", theme=None)
-        st.caption(
-            f"{label}; latent (channel {index[0]}, row {index[1]}, column {index[2]}). Colours run from 0 (black) "
-            f"to this map's largest |dz/dx| (yellow). The footprint is the mean |dz/dx| over {n_positions} latents "
-            "drawn at random (max over channels)."
-        )
         st.markdown(measure.locality_sentence(jac, index[1:]))
+    # The maps span the page's width below both columns: in the right column alone they were a few dozen
+    # pixels wide at 1024x768, with colour bars three times their height.
+    # theme=None: Streamlit's theme would swap the colour scale for one that draws zero pink, not black
+    st.plotly_chart(figures.jacobian_figure(image, jac, index[1:], fp, log=log, cell_height=220), key="rf_fig",
+                    theme=None)
+    st.caption(
+        f"{label}; latent (channel {index[0]}, row {index[1]}, column {index[2]}). Colours run from 0 (black) "
+        f"to this map's largest |dz/dx| (yellow). The footprint is the mean |dz/dx| over {n_positions} latents "
+        "drawn at random (max over channels)."
+    )
 
 
 state.run_page(main)
