@@ -93,6 +93,10 @@ class TrainConfig:
     # Sec. 8: train on the images' features from this extractor (flowcore.embeddings.EXTRACTOR), not the pixels;
     # "tabular": on the rows of a tabular set (App. K.3, flowcore.tabular)
     features: str | None = None
+    # torch.compile (inductor) of the log-density a training step differentiates: 1.15-1.35x faster steps on a
+    # CPU (benchmarks/throughput.py --variants) for seconds to a minute of compilation; same loss within float
+    # tolerance (tests/test_train.py). Single-process runs without an OOD term only.
+    compile: bool = False
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -148,6 +152,10 @@ class TrainConfig:
         if not isinstance(self.freeze_batchnorm, bool):
             raise ValueError(f"freeze_batchnorm must be true or false, got {self.freeze_batchnorm!r}")
         check_int("threads", self.threads, 1, 1024, optional=True)
+        if not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true or false, got {self.compile!r}")
+        if self.compile and self.negative is not None:
+            raise ValueError("compile does not cover negative training (two batches a step); drop one of them")
         check_int("log_every", self.log_every, 1)
         if self.features == TABULAR:
             from .tabular import is_tabular
@@ -326,7 +334,9 @@ class _Run:
     world: int = 1
     main: bool = True
     local: slice = field(default_factory=lambda: slice(None))
-    objective: torch.nn.Module | None = None  # the DistributedDataParallel wrapper under torchrun
+    # what a step differentiates instead of model.log_prob: the DistributedDataParallel wrapper under torchrun,
+    # or the compiled log_prob
+    objective: Any = None
     # the budget and the reported minutes are this process's CPU time on a CPU (two runs sharing two cores, or a
     # busy machine, get the same compute for the same budget), wall time on an accelerator
     clock: Any = time.process_time
@@ -409,12 +419,22 @@ def _start(cfg: TrainConfig, run_dir: Path, resume: bool, data_dir: str | None, 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        if cfg.compile:
+            raise ValueError("compile is for single-process runs; under torchrun set \"compile\": false")
         dist.global_actnorm_init(model)
         dev = torch.device(device)
         run.objective = DistributedDataParallel(dist.LogProb(model), device_ids=[dev.index] if dev.type == "cuda"
                                                 else None)
         run.log(event="distributed", world_size=world, backend=dist.backend(), per_rank_batch=share,
                 batchnorm=batchnorm, device=device)
+    elif cfg.compile:
+        from torch import _dynamo
+
+        # every coupling of a scale has its own tensor shapes: dynamo's default of 8 recompilations per function
+        # would leave the deeper ones eager
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
+        run.objective = torch.compile(model.log_prob)
+        run.log(event="compile", backend="inductor")
     return run
 
 
