@@ -36,8 +36,7 @@ def likelihood_finding(name: str) -> str:
     if lower:
         parts.append(f"ranks {', '.join(lower)} below its test images (AUROC at or above 50 %; 100 % = fully "
                      "separated)")
-    return (f"Where do your images land among the model's own images and the OOD sets? `{name}` "
-            + "; it ".join(parts) + ". The paper's starting point (Fig. 1, 8) is the first kind.")
+    return (f"`{name}` " + "; it ".join(parts) + ". The paper's starting point (Fig. 1, 8) is the first kind.")
 
 
 def measured_edits(name: str, image: np.ndarray) -> str:

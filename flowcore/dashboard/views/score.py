@@ -26,7 +26,8 @@ MAX_MARKERS = 12
 def main() -> None:
     name = state.need_checkpoint()
     st.title("Score")
-    st.caption(measure.likelihood_finding(name))
+    st.caption("Where do your images land among the model's own images and the OOD sets? "
+               + measure.likelihood_finding(name))
     shape = state.image_shape(name)
     dims = int(np.prod(shape))
     ref = state.reference(name)

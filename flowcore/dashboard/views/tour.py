@@ -36,10 +36,13 @@ def _ood_set(name: str) -> str | None:
 
 
 def step_likelihood(name: str, image: np.ndarray) -> None:
-    st.markdown(measure.likelihood_finding(name))
+    st.markdown("Does a flow's likelihood flag images unlike the ones it was trained on? "
+                + measure.likelihood_finding(name))
     if not state.reference(name):
         return
-    fig = figures.histogram(state.score_values(name, "likelihood", "bpd"), xlabel="bits/dim (lower = more likely)")
+    bpd = float(state.scores(name, image[None])["bpd"][0])
+    fig = figures.histogram(state.score_values(name, "likelihood", "bpd"), markers=[("this image", bpd)],
+                            xlabel="bits/dim (lower = more likely)")
     st.plotly_chart(fig, key="tour_hist")
 
 
