@@ -162,3 +162,18 @@ def test_built_wheel_scores_and_serves_the_dashboard_outside_the_checkout(tmp_pa
         app.terminate()
         app.wait(timeout=30)
     shutil.rmtree(venv, ignore_errors=True)
+
+
+def test_the_repository_tracks_no_optimizer_state_and_every_shipped_run_log():
+    """runs/ is ignored: a training state (optimizer moments) would double a model's size in every clone, while a
+    shipped model's run log is what its card's per-epoch curve is read from (force-added)."""
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(["git", "ls-files", "runs", "checkpoints"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert not [f for f in tracked if f.endswith(".pt")], tracked
+    shipped = {f.split("/")[1] for f in tracked if f.startswith("checkpoints/") and f.endswith("config.json")}
+    logs = {f.split("/")[1] for f in tracked if f.startswith("runs/") and f.endswith("log.jsonl")}
+    local = {p.parent.name for p in (ROOT / "runs").glob("*/log.jsonl")}
+    # a log that exists here for a shipped model but is not committed would make the docs differ on a clone
+    assert not (shipped & local) - logs, sorted((shipped & local) - logs)
