@@ -17,7 +17,15 @@ from pathlib import Path
 
 import numpy as np
 
-from flowcore.checkpoints import CheckpointError, checkpoints_dir, list_checkpoints, read_config
+from flowcore.checkpoints import (
+    CheckpointError,
+    best_plain_pixel_flows,
+    checkpoints_dir,
+    is_continuation,
+    is_plain_pixel_flow,
+    list_checkpoints,
+    read_config,
+)
 from flowcore.config import describe_architecture
 from flowcore.evaluate import auroc_table, load_reference
 from flowcore.models import build, count_parameters
@@ -48,23 +56,6 @@ def _params(name: str) -> int:
     return count_parameters(flowcore.load(name))
 
 
-def _is_continuation(cfg: dict) -> bool:
-    """More epochs of a model on its whole training set: started from another checkpoint's weights
-    (``init_from``) with the same objective (no OOD term) and no subset of the data."""
-    t = cfg.get("training", {})
-    return bool(t.get("init_from")) and not t.get("negative") and (cfg.get("train_config") or {}).get(
-        "train_subset") is None
-
-
-def _is_baseline(cfg: dict) -> bool:
-    """A plain model of the paper's Table 1 (no App. B/I change, no background noise; a fine-tune only when it
-    is a plain continuation of such a model on its whole training set)."""
-    m, t = cfg["model"], cfg.get("training", {})
-    variant = (m.get("mask", "checkerboard") != "checkerboard" or m.get("scales") == 1 or m.get("bottleneck")
-               or t.get("negative") or cfg.get("features"))
-    return not (variant or t.get("pixel_noise_mu") or (t.get("init_from") and not _is_continuation(cfg)))
-
-
 def _total_minutes(t: dict) -> float | str:
     """A run's own minutes plus its parent's when it continued another checkpoint."""
     own = t.get("cpu_minutes")
@@ -77,23 +68,18 @@ def _total_minutes(t: dict) -> float | str:
 def table1_model(arch: str, dataset: str, shipped: set[str]) -> str:
     """The checkpoint a Table 1 cell reads: the evaluated plain model of that architecture and data with the lowest
     test bpd (a continuation counts), else the zoo's name for it."""
-    best: tuple[float, str] | None = None
-    for name in sorted(shipped):
+    configs = {}
+    for name in shipped:
         try:
-            cfg = read_config(name)
+            configs[name] = read_config(name)
         except CheckpointError:
             continue
-        bpd = (cfg.get("reference") or {}).get("bpd_mean")
-        if bpd is None or cfg.get("dataset") != dataset or cfg["model"].get("arch") != arch or not _is_baseline(cfg):
-            continue
-        if best is None or bpd < best[0]:
-            best = (bpd, name)
-    return best[1] if best else f"{PREFIX[dataset]}_{arch}"
+    return best_plain_pixel_flows(configs, dataset).get(arch, f"{PREFIX[dataset]}_{arch}")
 
 
 def _target_dataset(cfg: dict) -> str | None:
     """The dataset whose quality target a checkpoint counts for (None: a variant, not comparable)."""
-    return cfg.get("dataset") if _is_baseline(cfg) else None
+    return cfg.get("dataset") if is_plain_pixel_flow(cfg) else None
 
 
 # The issue's test bits/dim targets: (data, dataset name, target, best published / the paper's code)
@@ -165,7 +151,7 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         p = t["init_from"]
         total = (p.get("cpu_minutes") or 0) + (t.get("cpu_minutes") or 0)
         lines.append(
-            f"- {'Continued' if _is_continuation(cfg) else 'Fine-tuned'} from `{p['checkpoint']}` "
+            f"- {'Continued' if is_continuation(cfg) else 'Fine-tuned'} from `{p['checkpoint']}` "
             f"({p.get('epochs_completed', '?')} epochs, "
             f"{p.get('cpu_minutes', '?')} min): {total:.1f} CPU minutes in all"
         )
@@ -271,7 +257,8 @@ def checkpoint_section(name: str) -> tuple[str, str]:
         paper, label = PAPER_FEATURES.get(cfg.get("dataset"), {}), "paper Table 2a (likelihood)"
     else:
         paper = PAPER.get((m["arch"], cfg.get("dataset")), {})
-        label = "paper Table 1 (likelihood)" if _is_baseline(cfg) else "paper Table 1, baseline model (likelihood)"
+        label = ("paper Table 1 (likelihood)" if is_plain_pixel_flow(cfg)
+                 else "paper Table 1, baseline model (likelihood)")
     lines += ["", "AUROC % (in-distribution positive; higher = better separation):", ""]
     lines.append("| score | " + " | ".join(sets) + " |")
     lines.append("|---|" + "---|" * len(sets))

@@ -91,6 +91,40 @@ def list_checkpoints(root: Path | None = None) -> list[str]:
     return sorted(names)
 
 
+def is_continuation(cfg: dict[str, Any]) -> bool:
+    """A checkpoint config (``config.json``) of more epochs of a model on its whole training set: started from
+    another checkpoint's weights (``init_from``) with the same objective (no OOD term) and no subset of the data."""
+    t = cfg.get("training") or {}
+    return bool(t.get("init_from")) and not t.get("negative") and (cfg.get("train_config") or {}).get(
+        "train_subset") is None
+
+
+def is_plain_pixel_flow(cfg: dict[str, Any]) -> bool:
+    """A checkpoint config of a plain pixel flow, the kind of the paper's Table 1: multi-scale, checkerboard
+    masks, no st-net bottleneck, no OOD term, no background noise, not a flow on features; started from
+    another checkpoint only as a continuation. The Sec. 7 and App. B study variants are not plain."""
+    m, t = cfg.get("model") or {}, cfg.get("training") or {}
+    variant = (m.get("mask", "checkerboard") != "checkerboard" or m.get("scales") == 1 or m.get("bottleneck")
+               or t.get("negative") or cfg.get("features") or not m.get("image_shape"))
+    return not (variant or t.get("pixel_noise_mu") or (t.get("init_from") and not is_continuation(cfg)))
+
+
+def best_plain_pixel_flows(configs: dict[str, dict[str, Any]], dataset: str) -> dict[str, str]:
+    """Architecture -> the evaluated plain pixel flow (``is_plain_pixel_flow``) trained on ``dataset`` with the
+    lowest mean test bits/dim, among ``configs`` (name -> checkpoint config; the first name wins a tie): the
+    model a Table 1 cell reads and the pixel flow the features page sets beside a flow on features."""
+    best: dict[str, tuple[float, str]] = {}
+    for name in sorted(configs):
+        cfg = configs[name]
+        bpd = (cfg.get("reference") or {}).get("bpd_mean")
+        arch = (cfg.get("model") or {}).get("arch")
+        if bpd is None or cfg.get("dataset") != dataset or not is_plain_pixel_flow(cfg):
+            continue
+        if arch not in best or bpd < best[arch][0]:
+            best[arch] = (bpd, name)
+    return {arch: name for arch, (_, name) in best.items()}
+
+
 def paired_feature_flow(name: str) -> str | None:
     """The flow on image features (Sec. 8) paired with the pixel flow ``name``: a checkpoint whose config has
     ``features`` set to an image extractor, trained on the same dataset, whose images are brought to the pixel

@@ -738,8 +738,20 @@ def test_study_variants_are_not_offered_as_the_feature_flows_pixel_counterparts(
         cfg = json.loads((ckpts / variant / "config.json").read_text())
         cfg.setdefault("training", {})[key] = "rgb_realnvp" if key == "init_from" else {"dataset": "mnist"}
         (ckpts / variant / "config.json").write_text(json.dumps(cfg))
+    shutil.copytree(ckpts / "rgb_realnvp", ckpts / "rgb_realnvp_horizontal")  # a Sec. 7 mask study
+    cfg = json.loads((ckpts / "rgb_realnvp_horizontal" / "config.json").read_text())
+    cfg["model"]["mask"] = "horizontal"
+    cfg["reference"]["bpd_mean"] -= 1.0  # better fitted, still a study
+    (ckpts / "rgb_realnvp_horizontal" / "config.json").write_text(json.dumps(cfg))
     assert {"rgb_realnvp_finetune", "rgb_realnvp_negative"} <= set(state.checkpoint_options())
     assert state.pixel_counterparts("rgb_embeddings") == ["rgb_realnvp"]
+    # a continuation (more epochs from its weights, same objective) that fits better takes the plain model's place
+    shutil.copytree(ckpts / "rgb_realnvp", ckpts / "rgb_realnvp_long")
+    cfg = json.loads((ckpts / "rgb_realnvp_long" / "config.json").read_text())
+    cfg.setdefault("training", {})["init_from"] = {"checkpoint": "rgb_realnvp"}
+    cfg["reference"]["bpd_mean"] -= 0.1
+    (ckpts / "rgb_realnvp_long" / "config.json").write_text(json.dumps(cfg))
+    assert state.pixel_counterparts("rgb_embeddings") == ["rgb_realnvp_long"]
 
 
 def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_env: tuple[Path, Path]) -> None:

@@ -398,7 +398,7 @@ def test_compiled_training_follows_the_eager_loss_curve(tiny_data, tmp_path, arc
     for key, fn, m in (("eager", eager.log_prob, eager), ("compiled", torch.compile(compiled.log_prob), compiled)):
         loss = -fn(v).mean()
         loss.backward()
-        grads[key] = (float(loss), [p.grad.clone() for p in m.parameters()])
+        grads[key] = (float(loss.detach()), [p.grad.clone() for p in m.parameters()])
     assert grads["compiled"][0] == pytest.approx(grads["eager"][0], rel=1e-5)
     for g_eager, g_compiled in zip(grads["eager"][1], grads["compiled"][1], strict=True):
         assert torch.allclose(g_compiled, g_eager, rtol=1e-3, atol=1e-4 * float(g_eager.abs().max()) + 1e-6)

@@ -25,6 +25,7 @@ from flowcore import embeddings
 from flowcore.checkpoints import (
     DEFAULT_MODEL,
     CheckpointError,
+    best_plain_pixel_flows,
     checkpoints_dir,
     list_checkpoints,
     paired_feature_flow,
@@ -437,21 +438,16 @@ def feature_scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> np.n
 
 
 def pixel_counterparts(name: str) -> list[str]:
-    """The plain pixel flows trained on the same dataset as the feature flow ``name``: no background model, and
-    not a study variant (a fine-tune or negative training of another checkpoint, App. B)."""
-    dataset = config(name).get("dataset")
-    out = []
+    """The pixel flows set beside the feature flow ``name``: of each architecture, the plain one trained on the
+    same dataset with the lowest test bpd (``best_plain_pixel_flows``, as Table 1 picks them), so no Sec. 7 or
+    App. B study variant and no background model; by name."""
+    configs = {}
     for n in checkpoint_options():
         try:
-            cfg = config(n)
+            configs[n] = config(n)
         except CheckpointError:
             continue
-        training = cfg.get("training") or {}
-        variant = training.get("init_from") or training.get("negative")
-        if cfg.get("dataset") == dataset and not cfg.get("background") and cfg["model"].get("image_shape") \
-                and not variant:
-            out.append(n)
-    return out
+    return sorted(best_plain_pixel_flows(configs, config(name).get("dataset")).values())
 
 
 # BatchNorm in train mode normalises with the statistics of the batch: the image plus this many companions (the
