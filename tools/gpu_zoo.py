@@ -1,15 +1,34 @@
-"""Train several zoo configs on a lent GPU in one call, sized to a time budget, and pack the results.
+"""Train larger versions of the headline models on a lent GPU in one call, sized to a time budget, and pack them.
 
-    python tools/gpu_zoo.py --minutes 8 --out "$OUT" configs/cifar10_realnvp.json configs/cifar10_glow.json
+    python tools/gpu_zoo.py --minutes 8 --out "$OUT"                 # the plan below (configs/gpu/*.json)
+    python tools/gpu_zoo.py --minutes 8 --out "$OUT" CONFIG [CONFIG ...]
+    python tools/gpu_zoo.py --smoke --out /tmp/zoo                   # the same code path on the CPU, tiny
 
-For each config: a 30-step probe measures training images per second on this device, the number of epochs is
-set so that the run fits its share of the budget (at least one), and the run trains with its own cosine
-schedule to the end, then exports. Everything the device machine must send back is packed into one
-``zoo.tar`` under ``--out`` (weights, configs, logs; no optimizer state), small enough for the device tool's
-file limit (16 MiB) for the 32x32 zoo. Unpack it here, copy each export into ``checkpoints/`` if it beats the
-shipped model, and evaluate with ``python benchmarks/evaluate_zoo.py NAME``.
+The plan (``configs/gpu/``): each model is the shipped one made wider or deeper, up to the 15 MB a shipped
+checkpoint may weigh (float32 weights; ``tests/test_gpu_zoo.py`` checks the sizes):
 
-Smoke-test on a CPU first: ``python tools/gpu_zoo.py --device cpu --minutes 1 --out /tmp/zoo CONFIG``.
+    config                 architecture                          params   weights   shipped now
+    fashion_realnvp_gpu    RealNVP, 2 scales, 64 ch x 4 blocks    3.00 M   12.0 MB   fashion_realnvp (0.39 M)
+    mnist_realnvp_gpu      RealNVP, 2 scales, 64 ch x 4 blocks    3.00 M   12.0 MB   mnist_realnvp (0.39 M)
+    fashion_glow_gpu       Glow, 2 scales x 16 steps, 256 ch      2.78 M   11.1 MB   fashion_glow_long (0.43 M)
+    mnist_glow_gpu         Glow, 2 scales x 16 steps, 256 ch      2.78 M   11.1 MB   mnist_glow (0.43 M)
+    cifar10_realnvp_gpu    RealNVP, 3 scales, 48 ch x 4 blocks    2.84 M   11.4 MB   cifar10_realnvp (0.71 M)
+
+Time: the budget (``--minutes``, 8 by default so that one 10-minute device command also covers start-up and
+packing) is split evenly, 1.6 minutes a model. For each config a short probe (30 steps) measures training
+images per second on this device, the number of epochs is set so that the run fits its share (at least one),
+and the run trains with its own cosine schedule to the end, then exports; ``max_minutes`` stops a run at 1.5x
+its share if the probe was optimistic. No GPU has been lent to this project yet, so there is no measured GPU
+rate to plan epochs from in advance: the probe is that measurement, and ``report.json`` records it per model.
+
+What comes back: one ``NAME.tar`` per model (weights, config, run log; no optimizer state; about 12 MB, under
+the device tool's 16 MiB a file) and ``report.json``: six files, within its limit of eight. Unpack each here,
+copy the export into ``checkpoints/`` if it beats the shipped model, compute its reference statistics on the
+CPU with ``python benchmarks/evaluate_zoo.py NAME`` and say in its card where it was trained (the config keeps
+``device``).
+
+``--smoke`` runs exactly this on the CPU with each config cut to a few small batches (30 s or so for the plan):
+``tests/test_gpu_zoo.py`` runs it, so the script works the first time a GPU is lent.
 """
 
 from __future__ import annotations
@@ -19,57 +38,89 @@ import dataclasses
 import json
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
 from flowcore.train import load_train_config, train
 
+ROOT = Path(__file__).resolve().parent.parent
+PLAN = sorted((ROOT / "configs" / "gpu").glob("*.json"))
 PROBE_STEPS = 30
+RETURN_LIMIT_MIB = 16  # the device tool's limit per returned file
 
 
-def images_per_second(cfg, device: str, run_dir: Path, data_dir: str | None) -> float:
-    """Training throughput of ``cfg`` on ``device``, from a short probe run (its folder is thrown away)."""
+def images_per_second(cfg, device: str, run_dir: Path, data_dir: str | None, steps: int) -> float:
+    """Training throughput of ``cfg`` on ``device`` from a short probe run (its folder is thrown away): timed
+    between its first and last logged steps, so data loading and device start-up do not count."""
+    every = max(1, steps // 3)
     t0 = time.perf_counter()
-    train(cfg, run_dir=run_dir, data_dir=data_dir, max_steps=PROBE_STEPS, progress=False, device=device)
-    return PROBE_STEPS * cfg.batch_size / (time.perf_counter() - t0)
+    train(dataclasses.replace(cfg, log_every=every), run_dir=run_dir, data_dir=data_dir, max_steps=steps,
+          progress=False, device=device)
+    wall = time.perf_counter() - t0
+    events = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    logged = [(e["step"], e["time"]) for e in events if e.get("event") == "train"]
+    if len(logged) >= 2 and logged[-1][1] > logged[0][1]:
+        return (logged[-1][0] - logged[0][0]) * cfg.batch_size / (logged[-1][1] - logged[0][1])
+    return steps * cfg.batch_size / wall
 
 
-def main() -> int:
+def smoke_config(cfg):
+    """The same model and data, cut to a few small batches: the whole path in seconds on a CPU."""
+    return dataclasses.replace(cfg, batch_size=8, train_subset=32, test_subset=16, warmup_steps=1)
+
+
+def pack(work: Path, out: Path, name: str) -> Path:
+    """``out/NAME.tar``: the export's weights and config and the run's log (no optimizer state)."""
+    path = out / f"{name}.tar"
+    with tarfile.open(path, "w") as tar:
+        for f in ("model.safetensors", "config.json"):
+            tar.add(work / name / f, arcname=f"{name}/{f}")
+        tar.add(work / "runs" / name / "log.jsonl", arcname=f"{name}/log.jsonl")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("configs", nargs="+")
-    p.add_argument("--out", required=True, help="folder for the results (the device tool's $OUT)")
+    p.add_argument("configs", nargs="*", help="training configs (default: the plan, configs/gpu/*.json)")
+    p.add_argument("--out", required=True, help="folder for the results (the device tool's $OUT): tars and report")
+    p.add_argument("--work", default=None, help="folder for runs, probes and exports (default: a temporary one)")
     p.add_argument("--minutes", type=float, default=8.0, help="training budget for all configs together")
     p.add_argument("--device", default="cuda")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-epochs", type=int, default=200)
-    args = p.parse_args()
+    p.add_argument("--smoke", action="store_true", help="CPU, tiny batches and subsets, about 6 s a model")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.device, args.minutes, args.max_epochs = "cpu", 0.1 * len(args.configs or PLAN), 1
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    share = args.minutes * 60 / len(args.configs)
+    # runs (with optimizer states), probes and exports stay outside $OUT: everything there is sent back
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_zoo_"))
+    paths = [Path(c) for c in args.configs] or PLAN
+    share = args.minutes * 60 / len(paths)
     report = []
-    for path in args.configs:
+    for path in paths:
         cfg = load_train_config(path)
-        rate = images_per_second(cfg, args.device, out / "probe" / cfg.name, args.data_dir)
+        if args.smoke:
+            cfg = smoke_config(cfg)
+        probe_steps = 3 if args.smoke else PROBE_STEPS
+        rate = images_per_second(cfg, args.device, work / "probe" / cfg.name, args.data_dir, probe_steps)
         n_train = cfg.train_subset or _train_size(cfg, args.data_dir)
-        # the probe includes start-up (data loading, first steps): a conservative rate, so runs end in time
+        # 15 % of the share is left for the per-epoch test bpd, the export and the first steps' warm-up
         epochs = max(1, min(args.max_epochs, int(0.85 * share * rate / n_train)))
         run = dataclasses.replace(cfg, epochs=epochs, max_minutes=share / 60 * 1.5, threads=None)
         t0 = time.perf_counter()
-        summary = train(run, run_dir=out / "runs" / cfg.name, data_dir=args.data_dir, export_dir=out / cfg.name,
+        summary = train(run, run_dir=work / "runs" / cfg.name, data_dir=args.data_dir, export_dir=work / cfg.name,
                         replace=True, progress=False, device=args.device)
-        report.append({"config": path, "img_per_s_probe": round(rate, 1), "epochs": epochs,
-                       "seconds": round(time.perf_counter() - t0, 1), "test_bpd_subset": summary["test_bpd"],
-                       "stopped_by": summary["stopped_by"]})
+        packed = pack(work, out, cfg.name)
+        mib = packed.stat().st_size / 2**20
+        report.append({"config": str(path), "device": args.device, "img_per_s_probe": round(rate, 1),
+                       "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1),
+                       "test_bpd_subset": summary["test_bpd"], "stopped_by": summary["stopped_by"],
+                       "tar": packed.name, "tar_mib": round(mib, 2), "returnable": mib <= RETURN_LIMIT_MIB})
         print(json.dumps(report[-1]), flush=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")
-    with tarfile.open(out / "zoo.tar", "w") as tar:  # weights, configs and logs only: no optimizer states
-        tar.add(out / "report.json", arcname="report.json")
-        for item in report:
-            name = load_train_config(item["config"]).name
-            for f in ("model.safetensors", "config.json"):
-                tar.add(out / name / f, arcname=f"{name}/{f}")
-            tar.add(out / "runs" / name / "log.jsonl", arcname=f"{name}/log.jsonl")
-    print(f"packed {out / 'zoo.tar'} ({(out / 'zoo.tar').stat().st_size / 2**20:.1f} MiB)")
+        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")  # after each model: a timeout keeps it
     return 0
 
 
