@@ -57,12 +57,17 @@ def _params(name: str) -> int:
 
 
 def _total_minutes(t: dict) -> float | str:
-    """A run's own minutes plus its parent's when it continued another checkpoint."""
+    """A run's own minutes plus those of every checkpoint it continued, down the chain of ``init_from``s (a
+    continuation of a continuation counts its grandparent too)."""
     own = t.get("cpu_minutes")
-    parent = (t.get("init_from") or {}).get("cpu_minutes")
     if own is None:
         return "?"
-    return round(own + (parent or 0), 1)
+    parent = t.get("init_from") or {}
+    try:
+        above = _total_minutes(read_config(parent["checkpoint"]).get("training", {})) if parent else 0
+    except (CheckpointError, KeyError):
+        above = parent.get("cpu_minutes") or 0  # the parent is not shipped: its own minutes, as recorded
+    return "?" if above == "?" else round(own + above, 1)
 
 
 def table1_model(arch: str, dataset: str, shipped: set[str]) -> str:
@@ -149,11 +154,11 @@ def checkpoint_section(name: str) -> tuple[str, str]:
     )
     if t.get("init_from"):
         p = t["init_from"]
-        total = (p.get("cpu_minutes") or 0) + (t.get("cpu_minutes") or 0)
+        total = _total_minutes(t)
         lines.append(
             f"- {'Continued' if is_continuation(cfg) else 'Fine-tuned'} from `{p['checkpoint']}` "
             f"({p.get('epochs_completed', '?')} epochs, "
-            f"{p.get('cpu_minutes', '?')} min): {total:.1f} CPU minutes in all"
+            f"{p.get('cpu_minutes', '?')} min): {total} CPU minutes in all, down its chain of continuations"
         )
         try:
             now = read_config(p["checkpoint"]).get("training", {})
@@ -580,7 +585,7 @@ def render() -> tuple[str, dict[str, str]]:
                "not run and (c) and (d) show notMNIST (under the cross-domain rule) in its place.",
                ""] + findings_table(set(names))
     quality = ["", "## Quality targets (test bits/dim)", "",
-               "Lower is better. Ours are small models trained for at most a few hours on one CPU thread each;",
+               "Lower is better. Ours are small models trained for at most a few hours on one or two CPU threads each;",
                "the published numbers are from models hundreds of times larger trained for days on GPUs.",
                ""] + targets_table(names)
     text = "\n".join(head + quality + claims + ["", "## Checkpoints", ""] + sections) + "\n"
