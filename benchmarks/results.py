@@ -58,15 +58,19 @@ def _params(name: str) -> int:
 
 def _total_minutes(t: dict) -> float | str:
     """A run's own minutes plus those of every checkpoint it continued, down the chain of ``init_from``s (a
-    continuation of a continuation counts its grandparent too)."""
+    continuation of a continuation counts its grandparent too). Each parent's own minutes are the ones recorded
+    in the child; its ancestors come from the parent's shipped config when there is one."""
     own = t.get("cpu_minutes")
     if own is None:
         return "?"
     parent = t.get("init_from") or {}
+    if not parent:
+        return round(own, 1)
     try:
-        above = _total_minutes(read_config(parent["checkpoint"]).get("training", {})) if parent else 0
+        parent_training = dict(read_config(parent["checkpoint"]).get("training") or {})
     except (CheckpointError, KeyError):
-        above = parent.get("cpu_minutes") or 0  # the parent is not shipped: its own minutes, as recorded
+        parent_training = {}
+    above = _total_minutes({**parent_training, "cpu_minutes": parent.get("cpu_minutes") or 0})
     return "?" if above == "?" else round(own + above, 1)
 
 

@@ -125,3 +125,6 @@ def test_a_table1_cell_reads_the_best_plain_model_and_a_continuation_counts(tmp_
     assert results.table1_model("glow", "fashion_mnist", names - {"fashion_glow_long"}) == "fashion_glow"
     assert results.table1_model("glow", "mnist", names) == "mnist_glow"  # none here: the zoo's name
     assert results._total_minutes({"init_from": parent, "cpu_minutes": 60.0}) == 110.0
+    # a continuation of the continuation counts the whole chain
+    assert results._total_minutes({"init_from": {"checkpoint": "fashion_glow_long", "cpu_minutes": 60.0},
+                                   "cpu_minutes": 70.0}) == 180.0
