@@ -398,6 +398,8 @@ def _start(cfg: TrainConfig, run_dir: Path, resume: bool, data_dir: str | None, 
     world, rank = dist.world_size(), dist.rank()
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} (the global batch) is not divisible by {world} processes")
+    if cfg.compile and world > 1:  # before any data is loaded
+        raise ValueError("compile is for single-process runs; under torchrun set \"compile\": false")
     shape = cfg.model.image_shape
     x_train = _images(cfg.dataset, "train", shape, data_dir, cfg.train_subset)
     if len(x_train) < cfg.batch_size:
@@ -419,8 +421,6 @@ def _start(cfg: TrainConfig, run_dir: Path, resume: bool, data_dir: str | None, 
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
-        if cfg.compile:
-            raise ValueError("compile is for single-process runs; under torchrun set \"compile\": false")
         dist.global_actnorm_init(model)
         dev = torch.device(device)
         run.objective = DistributedDataParallel(dist.LogProb(model), device_ids=[dev.index] if dev.type == "cuda"

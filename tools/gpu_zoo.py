@@ -5,7 +5,8 @@
     python tools/gpu_zoo.py --smoke --out /tmp/zoo                   # the same code path on the CPU, tiny
 
 The plan (``configs/gpu/``): each model is the shipped one made wider or deeper, up to the 15 MB a shipped
-checkpoint may weigh (float32 weights; ``tests/test_gpu_zoo.py`` checks the sizes):
+checkpoint may weigh (float32 weights; ``python tools/gpu_zoo.py --plan`` prints this table from the configs,
+``tests/test_gpu_zoo.py`` checks the sizes):
 
     config                 architecture                          params   weights   shipped now
     fashion_realnvp_gpu    RealNVP, 2 scales, 64 ch x 4 blocks    3.00 M   12.0 MB   fashion_realnvp (0.39 M)
@@ -80,17 +81,37 @@ def pack(work: Path, out: Path, name: str) -> Path:
     return path
 
 
+def print_plan(paths: list[Path]) -> None:
+    """Each planned model's parameters and float32 weight size, beside the shipped model it enlarges."""
+    import flowcore
+    from flowcore.models import count_parameters
+
+    for path in paths:
+        cfg = load_train_config(path)
+        params = count_parameters(flowcore.build(cfg.model))
+        shipped = cfg.name.removesuffix("_gpu")
+        base = count_parameters(flowcore.load(shipped))
+        print(f"{cfg.name:<22}{params / 1e6:6.2f} M {4 * params / 1e6:6.1f} MB   {shipped} ({base / 1e6:.2f} M): "
+              f"{params / base:.1f}x")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("configs", nargs="*", help="training configs (default: the plan, configs/gpu/*.json)")
-    p.add_argument("--out", required=True, help="folder for the results (the device tool's $OUT): tars and report")
+    p.add_argument("--out", default=None, help="folder for the results (the device tool's $OUT): tars and report")
     p.add_argument("--work", default=None, help="folder for runs, probes and exports (default: a temporary one)")
     p.add_argument("--minutes", type=float, default=8.0, help="training budget for all configs together")
     p.add_argument("--device", default="cuda")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--max-epochs", type=int, default=200)
     p.add_argument("--smoke", action="store_true", help="CPU, tiny batches and subsets, about 6 s a model")
+    p.add_argument("--plan", action="store_true", help="print the models' sizes and stop")
     args = p.parse_args(argv)
+    if args.plan:
+        print_plan([Path(c) for c in args.configs] or PLAN)
+        return 0
+    if args.out is None:
+        p.error("--out is required (the folder the device tool sends back)")
     if args.smoke:
         args.device, args.minutes, args.max_epochs = "cpu", 0.1 * len(args.configs or PLAN), 1
     out = Path(args.out)
