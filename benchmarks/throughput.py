@@ -3,7 +3,7 @@
     python benchmarks/throughput.py                       # shipped sizes, built fresh
     python benchmarks/throughput.py --checkpoint fashion_realnvp --threads 2
     python benchmarks/throughput.py --config configs/fashion_glow_appc.json --batch 32 --repeats 2
-    python benchmarks/throughput.py --variants            # + the training step in channels_last and compiled
+    python benchmarks/throughput.py --variants            # + the training step in channels_last, compiled, bf16
     python benchmarks/throughput.py --profile             # + where a training step's time goes (by operator kind)
 
 Prints img/s, achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter) and that as a fraction of
@@ -20,10 +20,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import flowcore
+from flowcore.precision import set_st_precision
 from flowcore.train import load_train_config
 
 SHIPPED = {
     "realnvp (fashion_realnvp size)": {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 32, "blocks": 2},
+    "realnvp hidden 64 x 6 blocks": {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 64, "blocks": 6},
     "glow (fashion_glow size)": {"arch": "glow", "image_shape": [1, 28, 28], "hidden": 128, "steps": 8},
 }
 
@@ -38,8 +40,8 @@ def _median_time(fn, repeats: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def matmul_gflops(n: int = 1024, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_gflops(n: int = 1024, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / _median_time(lambda: a @ b, repeats) / 1e9
 
 
@@ -82,11 +84,13 @@ def bench(model: torch.nn.Module, batch: int, repeats: int) -> dict[str, float]:
 
 
 def train_step_variants(model_cfg: dict, batch: int, repeats: int) -> dict[str, float]:
-    """Seconds per training step of the same model and batch: eager, channels_last, and ``torch.compile`` of the
-    log-density (inductor; its compile time is reported apart), all measured in this run."""
-    def fresh(layout=torch.contiguous_format):
+    """Seconds per training step of the same model and batch: eager, channels_last, ``torch.compile`` of the
+    log-density (inductor; its compile time is reported apart), bfloat16 st-nets (``"precision": "bf16"``, the
+    training code's own switch) and bfloat16 st-nets compiled, all measured in this run."""
+    def fresh(layout=torch.contiguous_format, precision="fp32"):
         torch.manual_seed(0)
         m = flowcore.build(model_cfg).to(memory_format=layout)
+        set_st_precision(m, precision)
         m.train()
         return m, torch.optim.Adam(m.parameters(), 1e-5)
 
@@ -112,6 +116,15 @@ def train_step_variants(model_cfg: dict, batch: int, repeats: int) -> dict[str, 
     step()
     out["compile_seconds"] = time.perf_counter() - t
     out["compiled"] = _median_time(step, repeats)
+    m, opt = fresh(precision="bf16")
+    out["bf16"] = _median_time(stepper(m.log_prob, opt, v), repeats)
+    out["bf16_flops"] = count_flops(stepper(m.log_prob, opt, v))
+    m, opt = fresh(precision="bf16")
+    step = stepper(torch.compile(m.log_prob), opt, v)
+    t = time.perf_counter()
+    step()
+    out["bf16_compile_seconds"] = time.perf_counter() - t
+    out["bf16_compiled"] = _median_time(step, repeats)
     return out
 
 
@@ -155,7 +168,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--variants", action="store_true",
-                   help="also time the training step in channels_last and under torch.compile (minutes)")
+                   help="also time the training step in channels_last, under torch.compile, with bfloat16 st-nets "
+                        "and both (minutes)")
     p.add_argument("--profile", action="store_true", help="also split a training step's time by operator kind")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -178,11 +192,18 @@ def main() -> None:
         print(f"{name:<32}{params:>10,}{r['gflop_per_img']:>10.3f}{r['score_img_s']:>13.1f}"
               f"{r['score_gflops'] / peak:>11.2%}{r['train_img_s']:>13.1f}{r['train_gflops'] / peak:>11.2%}")
     if args.variants:
+        peak_bf16 = matmul_gflops(dtype=torch.bfloat16)
+        print(f"bfloat16 matmul 1024^3: {peak_bf16:.1f} GFLOP/s ({peak_bf16 / peak:.2f}x float32, this run)")
+        print(f"{'model':<32}{'eager ms':>9}{'chan_last':>10}{'compile':>9}{'bf16':>7}{'bf16+comp':>10}"
+              f"{'bf16 img/s':>11}{'bf16/bf16 peak':>15}")
         for name, model in models.items():
             v = train_step_variants(model.config.to_dict(), args.batch, args.repeats)
-            print(f"{name}: training step eager {1000 * v['eager']:.0f} ms; channels_last "
-                  f"{v['eager'] / v['channels_last']:.2f}x; torch.compile {v['eager'] / v['compiled']:.2f}x "
-                  f"(after {v['compile_seconds']:.0f} s of compilation); ratios measured in this run")
+            share = v["bf16_flops"] / v["bf16"] / 1e9 / peak_bf16
+            print(f"{name:<32}{1000 * v['eager']:>9.0f}{v['eager'] / v['channels_last']:>9.2f}x"
+                  f"{v['eager'] / v['compiled']:>8.2f}x{v['eager'] / v['bf16']:>6.2f}x"
+                  f"{v['eager'] / v['bf16_compiled']:>9.2f}x{args.batch / v['bf16']:>11.1f}{share:>15.1%}")
+        print("ratios: training img/s over eager float32, measured in this run (compilation time excluded: "
+              f"{v['compile_seconds']:.0f} s float32, {v['bf16_compile_seconds']:.0f} s bf16 for the last model)")
     if args.profile:
         for name, model in models.items():
             shares = train_step_profile(model.config.to_dict(), args.batch)

@@ -31,11 +31,29 @@ __all__ = [
     "squeeze",
     "unsqueeze",
     "spatial_masks",
+    "run_st_net",
 ]
 
 
 def _sum_per_sample(x: Tensor) -> Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
+
+
+def run_st_net(net: nn.Module, x: Tensor, low_precision: torch.dtype | None) -> Tensor:
+    """``net(x)`` in float32, or (``low_precision`` set: training only) under that autocast dtype in
+    ``channels_last``, its output cast back to ``x``'s dtype.
+
+    Only st-networks may run in low precision: a coupling's ``(log_s, t)`` may be any function of the untouched
+    half, so the flow stays exactly invertible and its log-det exact as long as the coupling update, the log-det
+    sums and every other bijective operation stay float32 (``flowcore.precision`` sets ``low_precision``).
+    """
+    if low_precision is None:
+        return net(x)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, dtype=low_precision):
+        out = net(x)
+    return out.to(x.dtype)
 
 
 class Bijector(nn.Module):
@@ -223,6 +241,7 @@ class AffineCoupling(Bijector):
             raise ValueError(f"unknown coupling scale {scale!r}")
         self.mask, self.index, self.channels, self.scale = mask, int(index), channels, scale
         self.net = net
+        self.st_precision: torch.dtype | None = None  # not saved: see run_st_net and flowcore.precision
         out_ch = channels // 2 if mask == "channel" else channels
         if scale == "tanh":
             self.rescale = nn.Parameter(torch.ones(1, out_ch, 1, 1))
@@ -255,13 +274,13 @@ class AffineCoupling(Bijector):
         """
         if self.mask == "channel":
             x_cond, _ = self._split(x)
-            log_s, t = self.net(x_cond).chunk(2, dim=1)
+            log_s, t = run_st_net(self.net, x_cond, self.st_precision).chunk(2, dim=1)
             log_s = self._log_scale(log_s)
             zeros = torch.zeros_like(x_cond)
             _, trans = self.masks(x)
             return self._join(zeros, log_s), self._join(zeros, t), trans
         cond, trans = self.masks(x)
-        h = self.net(torch.cat([x * cond, cond.expand(x.shape[0], 1, -1, -1)], dim=1))
+        h = run_st_net(self.net, torch.cat([x * cond, cond.expand(x.shape[0], 1, -1, -1)], dim=1), self.st_precision)
         log_s, t = h.chunk(2, dim=1)
         return self._log_scale(log_s) * trans, t * trans, trans
 
@@ -308,10 +327,11 @@ class VectorCoupling(Bijector):
             mask[dim // 2 :] = 1
         self.register_buffer("cond", mask)
         self.net = net
+        self.st_precision: torch.dtype | None = None  # not saved: see run_st_net and flowcore.precision
         self.rescale = nn.Parameter(torch.ones(dim))
 
     def scale_shift(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        log_s, t = self.net(x * self.cond).chunk(2, dim=1)
+        log_s, t = run_st_net(self.net, x * self.cond, self.st_precision).chunk(2, dim=1)
         trans = 1 - self.cond
         return self.rescale * torch.tanh(log_s) * trans, t * trans
 

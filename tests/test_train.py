@@ -51,18 +51,21 @@ def _cfg(npz, **kw):
     return TrainConfig.from_dict(d)
 
 
-def test_bpd_drops_and_resume_is_exact(tiny_data, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bpd_drops_and_resume_is_exact(tiny_data, tmp_path, precision):
     npz, _ = tiny_data
-    full = train(_cfg(npz), run_dir=tmp_path / "a", export_dir=tmp_path / "ck_a", progress=False)
+    full = train(_cfg(npz, precision=precision), run_dir=tmp_path / "a", export_dir=tmp_path / "ck_a",
+                 progress=False)
     log = [json.loads(line) for line in (tmp_path / "a" / "log.jsonl").read_text().splitlines()]
     first = [e["bpd"] for e in log if e["event"] == "train"][0]
     assert full["test_bpd"] < first - 0.5, (first, full["test_bpd"])
     # "kill" after 5 steps (mid-epoch 1), then resume in a new call
-    part = train(_cfg(npz), run_dir=tmp_path / "b", max_steps=5, progress=False)
+    part = train(_cfg(npz, precision=precision), run_dir=tmp_path / "b", max_steps=5, progress=False)
     assert part["stopped_by"] == "max_steps" and (part["epoch"], part["step"]) == (0, 5)
     with pytest.raises(FileExistsError):
-        train(_cfg(npz), run_dir=tmp_path / "b", progress=False)
-    train(_cfg(npz), run_dir=tmp_path / "b", resume=True, export_dir=tmp_path / "ck_b", progress=False)
+        train(_cfg(npz, precision=precision), run_dir=tmp_path / "b", progress=False)
+    train(_cfg(npz, precision=precision), run_dir=tmp_path / "b", resume=True, export_dir=tmp_path / "ck_b",
+          progress=False)
     a = load_file(str(tmp_path / "ck_a" / "model.safetensors"))
     b = load_file(str(tmp_path / "ck_b" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -71,6 +74,37 @@ def test_bpd_drops_and_resume_is_exact(tiny_data, tmp_path):
     meta = json.loads((tmp_path / "ck_b" / "config.json").read_text())
     assert meta["training"]["images_seen"] == 2 * 256 // 32 * 32
     assert meta["dataset"].startswith("npz:")
+    assert meta["training"]["precision"] == precision
+
+
+def test_bf16_training_runs_bf16_steps_and_float32_evaluation(tiny_data, tmp_path, monkeypatch):
+    """With "precision": "bf16" the training steps' st-nets run in bfloat16 and the per-epoch test bpd, the
+    export and the exported model in float32; the learning curve is the float32 one within bfloat16 tolerance."""
+    from flowcore.precision import st_precision_of
+
+    npz, _ = tiny_data
+    seen = []
+    original = train_mod.log_likelihood_nats
+
+    def spy(model, *a, **kw):
+        seen.append(st_precision_of(model))
+        return original(model, *a, **kw)
+
+    monkeypatch.setattr(train_mod, "log_likelihood_nats", spy)
+    out = {}
+    for precision in ("fp32", "bf16"):
+        run = tmp_path / precision
+        out[precision] = train(_cfg(npz, precision=precision, log_every=1), run_dir=run, progress=False,
+                               export_dir=tmp_path / f"ck_{precision}")
+        log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+        out[precision]["curve"] = [e["bpd"] for e in log if e["event"] == "train"]
+    assert seen and set(seen) == {"fp32"}  # every evaluation, bf16 run included
+    assert st_precision_of(flowcore.load(tmp_path / "ck_bf16")) == "fp32"
+    a, b = out["fp32"]["curve"], out["bf16"]["curve"]
+    assert a != b and b == pytest.approx(a, abs=0.05)  # really different arithmetic, the same learning
+    assert out["bf16"]["test_bpd"] == pytest.approx(out["fp32"]["test_bpd"], abs=0.05)
+    with pytest.raises(ValueError, match="unknown precision 'half'"):
+        _cfg(npz, precision="half")
 
 
 def test_resume_with_more_epochs_warms_up_again(tiny_data, tmp_path):
