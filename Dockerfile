@@ -4,8 +4,9 @@ FROM python:3.11-slim
 WORKDIR /opt/flowcore
 # CPU build of torch first, so the project's plain `torch` requirement does not pull CUDA
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY flowcore ./flowcore
+COPY app ./app
 COPY checkpoints ./checkpoints
 RUN pip install --no-cache-dir -e ".[app,embeddings]" && useradd --create-home --uid 1000 flowcore
 # the full data sets, if mounted (the gallery falls back to the examples bundled with flowcore)

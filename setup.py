@@ -8,7 +8,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL = "fashion_realnvp"  # flowcore.checkpoints.DEFAULT_MODEL
+DEFAULT_MODEL = "fashion_realnvp"  # flowcore.zoo.checkpoints.DEFAULT_MODEL
 FILES = ("model.safetensors", "config.json", "reference.npz", "README.md", "histogram.png")
 
 

@@ -3,8 +3,8 @@
     FLOWCORE_DATA_DIR=... python benchmarks/codecs.py [--n 200]
 
 Prints, for 28x28 grayscale (Fashion-MNIST) and 32x32 RGB (CIFAR-10) test images, the milliseconds per image
-and the mean encoded bytes of PNG (as flowcore.scores uses it) and lossless WebP at methods 0, 4 and 6, with
-the ratio of each to flowcore's setting (flowcore.scores.WEBP_METHOD) measured in the same run.
+and the mean encoded bytes of PNG (as flowcore.ood.scores uses it) and lossless WebP at methods 0, 4 and 6, with
+the ratio of each to flowcore's setting (flowcore.ood.scores.WEBP_METHOD) measured in the same run.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 import numpy as np
 from PIL import Image
 
-from flowcore.data import load_images
-from flowcore.scores import WEBP_METHOD
+from flowcore.data.datasets import load_images
+from flowcore.ood.scores import WEBP_METHOD
 
 
 def encode(arr: np.ndarray, codec: str, method: int) -> int:

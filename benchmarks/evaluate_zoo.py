@@ -14,8 +14,8 @@ import argparse
 import sys
 import time
 
-from flowcore.checkpoints import list_checkpoints, read_config
-from flowcore.evaluate import evaluate
+from flowcore.ood.evaluate import evaluate
+from flowcore.zoo.checkpoints import list_checkpoints, read_config
 
 DEFAULT = {"train_subset": 1000, "test_subset": None, "ood_subset": 5000}
 # The background model only serves the likelihood ratio of its parent: smaller sets are enough for its card.

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from throughput import _median_time, count_flops, matmul_gflops  # noqa: E402
 
-from flowcore import embeddings  # noqa: E402
+from flowcore.data import embeddings  # noqa: E402
 
 
 def main() -> int:

@@ -20,11 +20,10 @@ import numpy as np
 import torch
 
 import flowcore
-from flowcore.data import DatasetNotFound
-from flowcore.evaluate import set_label
-from flowcore.scores import auroc
-from flowcore.train import load_train_config, optimizer_for
-from flowcore.vectors import dataset_features
+from flowcore.data.datasets import DatasetNotFound, set_label
+from flowcore.ood.scores import auroc
+from flowcore.ood.vectors import dataset_features
+from flowcore.training.train import load_train_config, optimizer_for
 
 OOD_IMAGES = 2000
 

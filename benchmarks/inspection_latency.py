@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 
 from flowcore import build, load
-from flowcore.inspection import coupling_trace, jacobian_map, resample_patch
+from flowcore.inspection.probes import coupling_trace, jacobian_map, resample_patch
 
 DEFAULT_MODELS = {
     "realnvp": {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 32, "blocks": 2},

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from flowcore.checkpoints import (
+from flowcore.flows.config import describe_architecture
+from flowcore.flows.models import build, count_parameters
+from flowcore.ood.evaluate import auroc_table, load_reference
+from flowcore.ood.scores import SCORE_DESCRIPTIONS
+from flowcore.zoo.checkpoints import (
     CheckpointError,
     best_plain_pixel_flows,
     checkpoints_dir,
@@ -26,10 +30,6 @@ from flowcore.checkpoints import (
     list_checkpoints,
     read_config,
 )
-from flowcore.config import describe_architecture
-from flowcore.evaluate import auroc_table, load_reference
-from flowcore.models import build, count_parameters
-from flowcore.scores import SCORE_DESCRIPTIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "results.md"
@@ -204,7 +204,7 @@ def checkpoint_section(name: str) -> tuple[str, str]:
             " features is the flow's first layer, so the checkpoint takes the extractor's raw output"
         )
     if m["arch"] == "glow" and m["image_shape"][0] == 1 and m.get("net") != "highway":
-        from flowcore.train import load_train_config
+        from flowcore.training.train import load_train_config
 
         appc = load_train_config(ROOT / "configs" / "fashion_glow_appc.json").model
         n = count_parameters(build(appc))

@@ -6,7 +6,7 @@ Usage::
     python benchmarks/screenshots.py --checkpoint mnist_realnvp    # a name in the checkpoints folder, or a path
     python benchmarks/screenshots.py --image a.png --image b.jpg   # upload these instead of the examples
 
-Starts ``streamlit run flowcore/dashboard/Home.py`` on a free port (the checkpoint preselected through
+Starts ``streamlit run app/Home.py`` on a free port (the checkpoint preselected through
 ``FLOWCORE_DEFAULT_CHECKPOINT``), uploads the first Fashion-MNIST and the first MNIST test image (as PNG,
 from ``$FLOWCORE_DATA_DIR``; a generated photo when neither is there), visits every page through the
 sidebar and saves a full-page screenshot of each to ``docs/screenshots/<page>.png`` (``--out``).
@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 ROOT = Path(__file__).resolve().parent.parent
-HOME = ROOT / "flowcore" / "dashboard" / "Home.py"
+HOME = ROOT / "app" / "Home.py"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -127,7 +127,7 @@ def real_photo() -> tuple[str, Image.Image]:
 def example_images(folder: Path) -> list[Path]:
     """The first Fashion-MNIST and MNIST test images as PNG files in ``folder`` (from ``$FLOWCORE_DATA_DIR``);
     the photo of :func:`real_photo` as JPEG when neither dataset is there."""
-    from flowcore.data import DatasetNotFound, load_images
+    from flowcore.data.datasets import DatasetNotFound, load_images
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from playwright.sync_api import sync_playwright
 
-    from flowcore.checkpoints import CheckpointError, resolve
+    from flowcore.zoo.checkpoints import CheckpointError, resolve
 
     try:
         resolve(args.checkpoint)

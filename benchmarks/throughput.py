@@ -20,8 +20,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import flowcore
-from flowcore.precision import set_st_precision
-from flowcore.train import load_train_config
+from flowcore.flows.precision import set_st_precision
+from flowcore.training.train import load_train_config
 
 SHIPPED = {
     "realnvp (fashion_realnvp size)": {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 32, "blocks": 2},

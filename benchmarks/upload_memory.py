@@ -26,9 +26,9 @@ CHILD = r"""
 import json, sys
 import numpy as np
 import flowcore
-from flowcore.images import load_image_file
-from flowcore.scores import compute_scores
-from flowcore.evaluate import load_reference
+from flowcore.data.images import load_image_file
+from flowcore.ood.scores import compute_scores
+from flowcore.ood.evaluate import load_reference
 
 def peak_mb():
     # VmHWM: this process's own high-water mark (ru_maxrss would carry over the parent's peak from the fork)

@@ -3,11 +3,11 @@
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from .checkpoints import CheckpointError, list_checkpoints, load, save
-from .config import FlowConfig
-from .inspection import coupling_trace, jacobian_footprint, jacobian_map, latents, resample_patch, sample
-from .likelihood import bits_per_dim, dequantize, log_likelihood_nats, nats_to_bpd
-from .models import build
+from .flows.config import FlowConfig
+from .flows.likelihood import bits_per_dim, dequantize, log_likelihood_nats, nats_to_bpd
+from .flows.models import build
+from .inspection.probes import coupling_trace, jacobian_footprint, jacobian_map, latents, resample_patch, sample
+from .zoo.checkpoints import CheckpointError, list_checkpoints, load, save
 
 try:  # one place for the version: pyproject.toml
     __version__ = _version("flowcore")

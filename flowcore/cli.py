@@ -4,7 +4,7 @@ Every expected failure (missing data, bad checkpoint, bad config) ends with one 
 stderr and a non-zero exit code, never a traceback.
 
 ``train``, ``evaluate`` and ``score`` also run under ``torchrun --nproc_per_node N`` (one process per
-device, see :mod:`flowcore.distributed`): the work is split across processes and only rank 0 prints.
+device, see :mod:`flowcore.training.distributed`): the work is split across processes and only rank 0 prints.
 """
 
 from __future__ import annotations
@@ -19,19 +19,19 @@ DEVICE_HELP = "cpu, cuda or cuda:N (default cpu); under torchrun, cuda means cud
 
 
 def _is_main() -> bool:
-    from . import distributed
+    from .training import distributed
 
     return distributed.is_main()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .train import load_train_config, train
+    from .training.train import load_train_config, train
 
     cfg = load_train_config(args.config)
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)  # validated like the file's own value
     if cfg.features:  # Sec. 8: a flow on image features
-        from .vectors import train_vectors
+        from .ood.vectors import train_vectors
 
         summary = train_vectors(cfg, args.run_dir, args.data_dir, args.export, args.replace,
                                 progress=not args.no_progress)
@@ -64,8 +64,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .checkpoints import read_config, resolve, write_json
-    from .evaluate import evaluate, refresh_complexity
+    from .ood.evaluate import evaluate, refresh_complexity
+    from .zoo.checkpoints import read_config, resolve, write_json
 
     if args.refresh_complexity:
         summary = refresh_complexity(args.checkpoint, data_dir=args.data_dir)
@@ -110,7 +110,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
-    from .scoring import score_files, write_rows
+    from .ood.scoring import score_files, write_rows
 
     rows, failures = score_files(
         args.checkpoint,
@@ -125,8 +125,8 @@ def _cmd_score(args: argparse.Namespace) -> int:
     if _is_main():
         write_rows(rows, args.format, sys.stdout)
         if args.batch_test and rows:
-            from .evaluate import load_reference
-            from .scores import typicality_batch_test
+            from .ood.evaluate import load_reference
+            from .ood.scores import typicality_batch_test
 
             ref = load_reference(args.checkpoint)
             ll = [r["log_likelihood_nats"] for r in rows]
@@ -139,7 +139,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from . import data
+    from .data import datasets as data
 
     if args.action == "download":
         root = data.data_dir(args.data_dir)
@@ -158,7 +158,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(args: argparse.Namespace) -> int:
-    from . import zoo
+    from .zoo import remote as zoo
 
     if args.action == "fetch":
         if not args.names:
@@ -174,12 +174,26 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def dashboard_home() -> Path | None:
+    """The dashboard's entry script: ``app/Home.py`` of a checkout (installed editable) or the wheel's copy, both
+    imported as the package ``flowcore.dashboard`` (pyproject.toml maps it to ``app/``)."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("flowcore.dashboard")
+    except ImportError:
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations))) / "Home.py"
+
+
 def _cmd_app(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    home = Path(__file__).resolve().parent / "dashboard" / "Home.py"
-    if not home.is_file():
+    home = dashboard_home()
+    if home is None or not home.is_file():
         raise FileNotFoundError(f"the dashboard is not in this installation (looked for {home})")
     env = dict(os.environ)
     if args.checkpoint:
@@ -282,9 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .checkpoints import CheckpointError
-    from .data import DatasetNotFound
-    from .embeddings import ExtractorMissing
+    from .data.datasets import DatasetNotFound
+    from .data.embeddings import ExtractorMissing
+    from .zoo.checkpoints import CheckpointError
 
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("FLOWCORE_DEBUG", "") not in ("", "0")
@@ -300,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         if "torch.distributed" in sys.modules:  # leave a process group torchrun made us join
-            from . import distributed
+            from .training import distributed
 
             distributed.shutdown()
 

@@ -33,7 +33,7 @@ def fake_extract(images, batch_size=64, progress=None):
     """A stand-in image feature extractor (the real one needs 20 MB of weights and minutes): a fixed random
     projection of the pixels to 1280 dimensions, so images of different kinds get different feature
     distributions. Each image's features depend on that image only, as with the real one."""
-    from flowcore.embeddings import FEATURE_DIM
+    from flowcore.data.embeddings import FEATURE_DIM
 
     x = np.asarray(images, dtype=np.float32)
     if x.ndim == 3:  # grayscale replicated to RGB, as the real extractor does

@@ -20,8 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from flowcore import images
-from flowcore.config import describe_architecture
+from flowcore.data import images
+from flowcore.flows.config import describe_architecture
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -34,7 +34,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from flowcore.dashboard import figures, state  # noqa: E402
 
-HOME = ROOT / "flowcore" / "dashboard" / "Home.py"
+HOME = ROOT / "app" / "Home.py"
 TIMEOUT = 60
 TINY = {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 4, "blocks": 1, "scales": 2}
 RGB_TINY = {"arch": "realnvp", "image_shape": [3, 32, 32], "hidden": 4, "blocks": 1, "scales": 3}
@@ -53,7 +53,7 @@ def make_tiny_setup(root: Path) -> tuple[Path, Path]:
     """Synthetic Fashion-like / MNIST-like npz data and an evaluated tiny checkpoint ``fashion_realnvp``,
     plus a copy ``fashion_copy`` and a checkpoint without reference statistics ``noref``."""
     import flowcore
-    from flowcore.evaluate import evaluate
+    from flowcore.ood.evaluate import evaluate
 
     rng = np.random.default_rng(0)
     data = root / "data"
@@ -172,7 +172,7 @@ def test_upload_scores_and_corrupt_file_gives_clear_error(env: tuple[Path, Path]
 
 
 def test_app_score_equals_cli_score_and_twins_score_alike(env: tuple[Path, Path], tmp_path: Path) -> None:
-    from flowcore.scoring import score_files
+    from flowcore.ood.scoring import score_files
 
     ckpts, _ = env
     rng = np.random.default_rng(4)
@@ -197,8 +197,8 @@ def test_app_score_equals_cli_score_and_twins_score_alike(env: tuple[Path, Path]
 
 
 def test_app_csv_equals_cli_csv(env: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flowcore.scores import result_rows
-    from flowcore.scoring import score_files, write_rows
+    from flowcore.ood.scores import result_rows
+    from flowcore.ood.scoring import score_files, write_rows
 
     ckpts, _ = env
     rng = np.random.default_rng(6)
@@ -495,7 +495,7 @@ def test_gallery_works_without_data_dir_from_bundled_examples(
     tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Straight after set-up (no FLOWCORE_DATA_DIR) the gallery offers the bundled examples."""
-    from flowcore.data import EXAMPLE_SETS, load_examples
+    from flowcore.data.datasets import EXAMPLE_SETS, load_examples
 
     ckpts, _ = tiny
     monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(ckpts))
@@ -503,7 +503,7 @@ def test_gallery_works_without_data_dir_from_bundled_examples(
     monkeypatch.setenv("FLOWCORE_DEFAULT_CHECKPOINT", "rgb_realnvp")
     assert set(EXAMPLE_SETS) >= {"fashion_mnist", "mnist", "cifar10"}
     assert load_examples("cifar10", (1, 28, 28)).shape == (16, 28, 28)
-    at = AppTest.from_file(str(ROOT / "flowcore" / "dashboard" / "views" / "inputs.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "inputs.py"), default_timeout=TIMEOUT)
     at.run()
     assert not at.exception, at.exception
     shown = "\n".join(m.value for m in at.markdown)
@@ -560,7 +560,7 @@ def test_batchnorm_train_mode_latents_use_a_real_batch(env: tuple[Path, Path]) -
 def test_tour_walks_every_step_with_measured_sentences(env: tuple[Path, Path]) -> None:
     from flowcore.dashboard.views import tour
 
-    at = AppTest.from_file(str(ROOT / "flowcore" / "dashboard" / "views" / "tour.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "tour.py"), default_timeout=TIMEOUT)
     at.run()
     seen = []
     for step in range(len(tour.STEPS)):
@@ -624,9 +624,9 @@ def feature_env(tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.Mon
     from conftest import fake_extract
 
     import flowcore
-    from flowcore import embeddings
-    from flowcore.evaluate import evaluate
-    from flowcore.vectors import dataset_features
+    from flowcore.data import embeddings
+    from flowcore.ood.evaluate import evaluate
+    from flowcore.ood.vectors import dataset_features
 
     ckpts, data = tiny
     mine = tmp_path / "checkpoints"
@@ -650,9 +650,9 @@ def feature_env(tiny: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: tuple[Path, Path]) -> None:
     import flowcore
-    from flowcore.data import EXAMPLE_SETS, load_examples
-    from flowcore.scores import ood_threshold, percentile_of
-    from flowcore.vectors import image_log_likelihood
+    from flowcore.data.datasets import EXAMPLE_SETS, load_examples
+    from flowcore.ood.scores import ood_threshold, percentile_of
+    from flowcore.ood.vectors import image_log_likelihood
 
     ckpts, data = feature_env
     at = start()
@@ -681,7 +681,7 @@ def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: 
     # the upload is a star on the 2-D view, at its features' projection on the stored principal directions
     from conftest import fake_extract
 
-    from flowcore.vectors import project
+    from flowcore.ood.vectors import project
 
     with np.load(ckpts / "rgb_embeddings" / "projection.npz") as d:
         projection = {k: d[k] for k in d.files}
@@ -702,8 +702,8 @@ def test_score_page_offers_the_paired_feature_flows_likelihood(feature_env: tupl
     """Where a flow on features was trained on the pixel flow's data, its likelihood is one more score on the
     Score page: percentile and verdict against that flow's own test images, its AUROC row beside the others."""
     import flowcore
-    from flowcore.scores import ood_threshold, percentile_of, verdict
-    from flowcore.vectors import image_log_likelihood
+    from flowcore.ood.scores import ood_threshold, percentile_of, verdict
+    from flowcore.ood.vectors import image_log_likelihood
 
     ckpts, data = feature_env
     at = start()
@@ -757,7 +757,7 @@ def test_study_variants_are_not_offered_as_the_feature_flows_pixel_counterparts(
 def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_env: tuple[Path, Path]) -> None:
     from flowcore.dashboard.views import tour
 
-    at = AppTest.from_file(str(ROOT / "flowcore" / "dashboard" / "views" / "tour.py"), default_timeout=TIMEOUT)
+    at = AppTest.from_file(str(ROOT / "app" / "views" / "tour.py"), default_timeout=TIMEOUT)
     at.session_state[tour.STEP_KEY] = len(tour.STEPS) - 1
     at.run()
     assert not at.exception, at.exception
@@ -796,8 +796,8 @@ def test_one_cache_decorator_keys_by_function_checkpoint_files_and_arguments(env
 
 
 def test_latents_page_shows_each_scales_latents_with_its_own_correlation(env: tuple[Path, Path]) -> None:
-    from flowcore.inspection import latent_image_correlation
-    from flowcore.models import latent_scale_map
+    from flowcore.flows.models import latent_scale_map
+    from flowcore.inspection.probes import latent_image_correlation
 
     at = start()
     at.switch_page("views/latents.py").run()

@@ -1,4 +1,4 @@
-"""End-to-end: ``streamlit run flowcore/dashboard/Home.py`` driven by Playwright in headless Chromium.
+"""End-to-end: ``streamlit run app/Home.py`` driven by Playwright in headless Chromium.
 
 One Streamlit server (on the tiny checkpoint of ``test_app.py``) and one Chromium serve the whole module;
 each test opens its own tabs, each a Streamlit session of its own. The page helpers live in
@@ -71,9 +71,9 @@ def add_feature_flow(ckpts: Path, data: Path, cache: Path) -> None:
     except ImportError:
         return
     import flowcore
-    from flowcore import embeddings
-    from flowcore.evaluate import evaluate
-    from flowcore.vectors import dataset_features
+    from flowcore.data import embeddings
+    from flowcore.ood.evaluate import evaluate
+    from flowcore.ood.vectors import dataset_features
 
     rgb = f"npz:{data / 'rgb.npz'}"
     with pytest.MonkeyPatch.context() as mp:
@@ -147,8 +147,8 @@ def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def expected_score(checkpoint: Path, path: Path) -> tuple[float, float]:
     """(log-likelihood in nats, bpd) of an image file as the app computes it, computed here with flowcore."""
     import flowcore
-    from flowcore.images import decode_image, preprocess
-    from flowcore.scores import compute_scores
+    from flowcore.data.images import decode_image, preprocess
+    from flowcore.ood.scores import compute_scores
 
     cfg = json.loads((checkpoint / "config.json").read_text())
     ref = cfg.get("reference") or {}
@@ -213,7 +213,7 @@ def test_photo_upload_shows_score_and_histogram(app: App, new_page: Any, photos:
 
 def test_receptive_field_click_updates_jacobian(app: App, new_page: Any) -> None:
     import flowcore
-    from flowcore.data import load_images
+    from flowcore.data.datasets import load_images
 
     page = new_page()
     shots.open_app(page, f"{app.url}/receptive_field")

@@ -12,9 +12,9 @@ from conftest import perturb_
 from torch.autograd.functional import jacobian
 
 import flowcore
-from flowcore.bijectors import ActNorm, AffineCoupling, InvConv1x1, Logit, Squeeze, spatial_masks
-from flowcore.likelihood import log_likelihood_terms
-from flowcore.nets import GlowST, ResNetST
+from flowcore.flows.bijectors import ActNorm, AffineCoupling, InvConv1x1, Logit, Squeeze, spatial_masks
+from flowcore.flows.likelihood import log_likelihood_terms
+from flowcore.flows.nets import GlowST, ResNetST
 
 TINY = dict(hidden=4, blocks=1)
 
@@ -34,7 +34,7 @@ MODEL_CONFIGS = {
 
 
 def test_highway_st_net_is_the_papers_glow_net():
-    from flowcore.nets import HighwayLayer, HighwayST
+    from flowcore.flows.nets import HighwayLayer, HighwayST
 
     model = flowcore.build(MODEL_CONFIGS["glow_highway"])
     nets = [m for m in model.modules() if isinstance(m, HighwayST)]
@@ -179,7 +179,7 @@ def test_cycle_mask_routes_one_quadrant_per_layer():
 
 
 def test_single_scale_checkerboard_is_the_same_size_control_of_the_other_masks():
-    from flowcore.models import count_parameters
+    from flowcore.flows.models import count_parameters
 
     sizes = {}
     for mask in ("checkerboard", "horizontal", "cycle"):
@@ -191,7 +191,7 @@ def test_single_scale_checkerboard_is_the_same_size_control_of_the_other_masks()
 
 
 def test_channel_reduced_bottleneck_passes_everything_through_l_numbers():
-    from flowcore.nets import Bottleneck
+    from flowcore.flows.nets import Bottleneck
 
     neck = Bottleneck(8, 5, 5, 3, channels=2)
     x = torch.randn(4, 8, 5, 5)
@@ -355,7 +355,7 @@ def test_likelihood_does_not_depend_on_batching():
 
 
 def test_noise_is_keyed_by_content_and_seed():
-    from flowcore.likelihood import per_image_noise
+    from flowcore.flows.likelihood import per_image_noise
 
     k = torch.as_tensor(np.random.default_rng(2).integers(0, 256, size=(3, 1, 4, 4), dtype=np.uint8))
     k[2] = k[0]
@@ -368,19 +368,48 @@ def test_noise_is_keyed_by_content_and_seed():
     assert not torch.equal(per_image_noise(changed, seed=0, draw=0)[0], u[0])
 
 
-def test_no_import_cycle_among_flowcore_modules():
-    """Module-level imports between flowcore's modules form no cycle (the maths never imports a workflow)."""
+# flowcore's rooms, lowest first: a module imports only from its own room or from a lower one (cli.py and the
+# package's __init__ sit above them all). inspection builds on flows alone, as data does.
+LAYERS = {"flows": 0, "data": 1, "inspection": 1, "zoo": 2, "training": 3, "ood": 4, "": 5}
+
+
+def flowcore_import_graph() -> dict[str, set[str]]:
+    """Module -> the flowcore modules it imports, at module level *and* inside functions (a lazy import still
+    ties two modules together), as dotted names below ``flowcore`` (``training.train``; ``cli``)."""
     import ast
 
     root = Path(flowcore.__file__).parent
-    graph = {}
-    for path in root.glob("*.py"):
-        tree = ast.parse(path.read_text())
+    modules = {".".join(p.relative_to(root).with_suffix("").parts) for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts)
+        package = name.rsplit(".", 1)[0] if path.name != "__init__.py" else name
+        package = "" if package in ("__init__", "cli") or "." not in name and path.name != "__init__.py" else package
+        package = package.removesuffix(".__init__").removesuffix("__init__")
         deps = set()
-        for node in tree.body:  # module level only: imports inside functions are deliberate and lazy
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps |= {node.module} if node.module else {a.name for a in node.names}
-        graph[path.stem] = {d.split(".")[0] for d in deps}
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if package else []
+                target = ".".join([*base, *(node.module.split(".") if node.module else [])])
+                targets = [target, *(f"{target}.{a.name}".lstrip(".") for a in node.names)]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("flowcore."):
+                targets = [node.module.removeprefix("flowcore.")]
+                targets += [f"{targets[0]}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name.removeprefix("flowcore.") for a in node.names if a.name.startswith("flowcore.")]
+            else:
+                continue
+            deps |= {t for t in targets if t in modules and t != name}
+        graph[name.removesuffix(".__init__")] = {d.removesuffix(".__init__") for d in deps}
+    return graph
+
+
+def test_no_import_cycle_and_every_import_points_down():
+    """No cycle among flowcore's modules, counting imports inside functions too, and every import goes to the
+    module's own room or a lower one (LAYERS)."""
+    graph = flowcore_import_graph()
+    assert "training.train" in graph and "flows.models" in graph["training.train"]
+    assert "ood.evaluate" in graph["ood.vectors"] or "data.datasets" in graph["ood.vectors"]
     state: dict[str, int] = {}
 
     def visit(name, trail):
@@ -395,9 +424,21 @@ def test_no_import_cycle_among_flowcore_modules():
 
     for module in sorted(graph):
         visit(module, [])
-    assert "scoring" not in graph["scores"] and "evaluate" not in graph["scores"]
-    # the library never imports its dashboard (which needs the [app] extra); the dashboard imports the library
-    for path in root.glob("*.py"):
+
+    def room(module: str) -> str:
+        return module.split(".")[0] if "." in module or module in LAYERS else ""
+
+    upward = [(m, d) for m, deps in graph.items() for d in deps if LAYERS[room(d)] > LAYERS[room(m)]]
+    assert not upward, upward
+    assert set(LAYERS) - {""} == {p.name for p in Path(flowcore.__file__).parent.iterdir()
+                                  if (p / "__init__.py").is_file()}
+
+
+def test_the_library_never_imports_its_dashboard():
+    """The dashboard needs the [app] extra; the library must work without it."""
+    import ast
+
+    for path in Path(flowcore.__file__).parent.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom):
@@ -411,7 +452,7 @@ BF16_KEYS = ["realnvp_gray", "realnvp_rgb", "realnvp_cycle", "realnvp_bottleneck
 
 def _bf16_model(key: str) -> tuple[torch.nn.Module, torch.Tensor]:
     """A perturbed model in training mode with bfloat16 st-nets (ActNorm initialised), and an input batch."""
-    from flowcore.precision import set_st_precision
+    from flowcore.flows.precision import set_st_precision
 
     model = perturb_(flowcore.build(MODEL_CONFIGS[key])).train()
     shape = MODEL_CONFIGS[key]["image_shape"]
@@ -426,7 +467,7 @@ def test_bf16_st_nets_keep_the_flow_exactly_invertible(key):
     """Only the st-nets run in bfloat16: inverse(forward(v)) is v to float32 precision, in training mode (the mode
     bf16 is used in; BatchNorm sees the same conditioning half both ways), although the st-nets' outputs differ
     from float32 by bfloat16 rounding."""
-    from flowcore.precision import st_precision
+    from flowcore.flows.precision import st_precision
 
     model, v = _bf16_model(key)
     seen = []
@@ -456,7 +497,7 @@ def test_bf16_log_det_matches_autograd(key):
 @pytest.mark.parametrize("key", ["realnvp_rgb", "glow_rgb"])
 def test_bf16_gradients_agree_with_float32(key):
     """One step's gradients with bfloat16 st-nets point where the float32 ones do, within bfloat16 tolerance."""
-    from flowcore.precision import set_st_precision
+    from flowcore.flows.precision import set_st_precision
 
     model, v = _bf16_model(key)
     grads = {}
@@ -472,8 +513,8 @@ def test_bf16_gradients_agree_with_float32(key):
 
 
 def test_precision_is_never_saved_and_is_validated(tmp_path):
-    from flowcore.checkpoints import load, save
-    from flowcore.precision import set_st_precision, st_precision, st_precision_of
+    from flowcore.flows.precision import set_st_precision, st_precision, st_precision_of
+    from flowcore.zoo.checkpoints import load, save
 
     model, v = _bf16_model("glow_gray")
     assert st_precision_of(model) == "bf16"

@@ -1,4 +1,4 @@
-"""Dataset loading (flowcore.data): every on-disk layout, safe CIFAR unpickling, verified downloads."""
+"""Dataset loading (flowcore.data.datasets): every on-disk layout, safe CIFAR unpickling, verified downloads."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from scipy.io import savemat
 
-from flowcore import data
-from flowcore.data import (
+from flowcore.data import datasets as data
+from flowcore.data.datasets import (
     ChecksumError,
     DataFormatError,
     DatasetNotFound,

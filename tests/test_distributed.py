@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from flowcore import distributed
-from flowcore.evaluate import evaluate, load_reference
-from flowcore.likelihood import log_likelihood_nats
-from flowcore.models import build
-from flowcore.scoring import score_files
-from flowcore.train import TrainConfig, load_train_config, train
+from flowcore.flows.likelihood import log_likelihood_nats
+from flowcore.flows.models import build
+from flowcore.ood.evaluate import evaluate, load_reference
+from flowcore.ood.scoring import score_files
+from flowcore.training import distributed
+from flowcore.training.train import TrainConfig, load_train_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,7 +45,8 @@ WORKER = r"""
 import contextlib, json, os, sys
 import torch
 torch.set_num_threads(1)
-from flowcore import distributed, train as train_mod
+from flowcore.training import distributed
+from flowcore.training import train as train_mod
 from flowcore.cli import build_parser
 
 out, commands = sys.argv[1], json.load(open(sys.argv[2]))

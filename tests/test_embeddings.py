@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("efficientnet_lite_pytorch", reason='needs pip install -e ".[embeddings]"')
 skimage_data = pytest.importorskip("skimage.data")
 
-from flowcore import embeddings  # noqa: E402
+from flowcore.data import embeddings  # noqa: E402
 
 # ImageNet class indices: 281 tabby, 282 tiger cat, 285 Egyptian cat; 504 coffee mug, 967 espresso, 968 cup
 CATS, COFFEE = {281, 282, 285}, {504, 967, 968}

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 import flowcore
-from flowcore.models import count_parameters
-from flowcore.train import load_train_config
+from flowcore.flows.models import count_parameters
+from flowcore.training.train import load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_LIMIT_MB = 15.0

@@ -13,10 +13,10 @@ from conftest import perturb_
 from PIL import Image
 
 import flowcore
-from flowcore.checkpoints import CheckpointError, save
 from flowcore.cli import main
-from flowcore.config import FlowConfig
-from flowcore.train import TrainConfig, load_train_config, train
+from flowcore.flows.config import FlowConfig
+from flowcore.training.train import TrainConfig, load_train_config, train
+from flowcore.zoo.checkpoints import CheckpointError, save
 
 ARCH = dict(arch="realnvp", image_shape=[1, 8, 8], scales=2, hidden=4, blocks=1)
 
@@ -222,7 +222,7 @@ def test_mismatched_or_hostile_weights_fail_before_building(tmp_path):
 
 
 def test_working_directory_folder_does_not_shadow_a_shipped_checkpoint(tmp_path, monkeypatch):
-    from flowcore.checkpoints import resolve
+    from flowcore.zoo.checkpoints import resolve
 
     shipped = tmp_path / "checkpoints"
     _checkpoint(shipped / "tiny")
@@ -259,7 +259,7 @@ def test_training_run_is_not_overwritten_silently(tmp_path):
 def test_disk_full_leaves_no_temp_file_and_says_so(tmp_path):
     import errno
 
-    from flowcore.checkpoints import atomic_write
+    from flowcore.zoo.checkpoints import atomic_write
 
     target = tmp_path / "state.pt"
     target.write_bytes(b"old")

@@ -1,4 +1,4 @@
-"""Decoding and preprocessing of user images (flowcore.images): formats, refusals, polarity, alpha."""
+"""Decoding and preprocessing of user images (flowcore.data.images): formats, refusals, polarity, alpha."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, features
 
-from flowcore.images import (
+from flowcore.data.images import (
     WORKING_SIDE,
     ImageError,
     Preprocessed,

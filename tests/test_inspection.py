@@ -1,4 +1,4 @@
-"""Tests for flowcore.inspection: coupling traces, latents, Jacobians, patch resampling, sampling."""
+"""Tests for flowcore.inspection.probes: coupling traces, latents, Jacobians, patch resampling, sampling."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from flowcore import build
-from flowcore.bijectors import ActNorm, AffineCoupling, Chain, squeeze
-from flowcore.inspection import (
+from flowcore.flows.bijectors import ActNorm, AffineCoupling, Chain, squeeze
+from flowcore.flows.likelihood import dequantize, per_image_noise
+from flowcore.inspection.probes import (
     coupling_trace,
     default_box,
     jacobian_footprint,
@@ -22,7 +23,6 @@ from flowcore.inspection import (
     resample_patch,
     sample,
 )
-from flowcore.likelihood import dequantize, per_image_noise
 
 torch.set_num_threads(1)
 
@@ -449,7 +449,7 @@ def test_threads_give_serial_results():
 
 
 def test_box_change_shares_match_an_independent_count():
-    from flowcore.inspection import box_change_shares
+    from flowcore.inspection.probes import box_change_shares
 
     rng = np.random.default_rng(0)
     original = rng.integers(0, 256, (3, 6, 5), dtype=np.uint8)
@@ -465,7 +465,7 @@ def test_box_change_shares_match_an_independent_count():
 
 
 def test_influence_concentration_counts_the_fewest_pixels_holding_the_mass():
-    from flowcore.inspection import influence_concentration
+    from flowcore.inspection.probes import influence_concentration
 
     a = np.zeros((7, 7))
     a[3, 3], a[3, 4], a[0, 0] = 6.0, 3.0, 1.0  # total 10: 90 % needs the two largest

@@ -6,7 +6,7 @@ import torch
 from conftest import perturb_
 
 import flowcore
-from flowcore.scores import (
+from flowcore.ood.scores import (
     WEBP_METHOD,
     auroc,
     compressed_bits,
@@ -114,9 +114,9 @@ def test_typicality_p_values_are_uniform_in_distribution():
 
 
 def test_typicality_flags_a_batch_of_mnist_under_the_fashion_model(data_dir):
-    from flowcore.checkpoints import list_checkpoints
-    from flowcore.data import load_images
-    from flowcore.evaluate import load_reference
+    from flowcore.data.datasets import load_images
+    from flowcore.ood.evaluate import load_reference
+    from flowcore.zoo.checkpoints import list_checkpoints
 
     if "fashion_realnvp" not in list_checkpoints():
         pytest.skip("fashion_realnvp is not shipped yet")
@@ -138,7 +138,7 @@ def test_typicality_flags_a_batch_of_mnist_under_the_fashion_model(data_dir):
 
 def _tiny_checkpoint(root, seed: int = 0):
     """A 1x8x8 checkpoint with reference statistics computed by the same code the CLI uses."""
-    from flowcore.checkpoints import save
+    from flowcore.zoo.checkpoints import save
 
     arch = dict(arch="realnvp", image_shape=[1, 8, 8], scales=2, hidden=4, blocks=1)
     model = perturb_(flowcore.build(arch), seed=seed)
@@ -163,7 +163,7 @@ def _write_pngs(folder, images):
 
 
 def test_score_is_a_function_of_the_image_alone(tmp_path):
-    from flowcore.scoring import score_files
+    from flowcore.ood.scoring import score_files
 
     ck, model = _tiny_checkpoint(tmp_path)
     images = np.random.default_rng(5).integers(0, 256, (50, 8, 8), dtype=np.uint8)
@@ -185,8 +185,8 @@ def test_score_is_a_function_of_the_image_alone(tmp_path):
 def test_nan_weights_and_reference_are_refused_at_load(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from flowcore.checkpoints import CheckpointError
-    from flowcore.evaluate import load_reference
+    from flowcore.ood.evaluate import load_reference
+    from flowcore.zoo.checkpoints import CheckpointError
 
     ck, _ = _tiny_checkpoint(tmp_path)
     state = load_file(str(ck / "model.safetensors"))
@@ -212,8 +212,8 @@ def test_nan_weights_and_reference_are_refused_at_load(tmp_path):
 def test_zip_bomb_reference_is_refused_before_inflating(tmp_path):
     import zipfile
 
-    from flowcore.checkpoints import CheckpointError
-    from flowcore.evaluate import load_reference
+    from flowcore.ood.evaluate import load_reference
+    from flowcore.zoo.checkpoints import CheckpointError
 
     ck, _ = _tiny_checkpoint(tmp_path)
     header = {"descr": "<f8", "fortran_order": False, "shape": (40_000_000,)}
@@ -229,8 +229,8 @@ def test_zip_bomb_reference_is_refused_before_inflating(tmp_path):
 
 
 def test_non_finite_score_is_an_error_row_never_a_verdict(tmp_path, monkeypatch):
-    import flowcore.scoring as scores_module
-    from flowcore.scoring import score_files
+    import flowcore.ood.scoring as scores_module
+    from flowcore.ood.scoring import score_files
 
     ck, _ = _tiny_checkpoint(tmp_path)
     paths = _write_pngs(tmp_path / "imgs", np.random.default_rng(1).integers(0, 256, (3, 8, 8), dtype=np.uint8))
@@ -248,7 +248,7 @@ def test_non_finite_score_is_an_error_row_never_a_verdict(tmp_path, monkeypatch)
 
 
 def test_score_files_refuses_bad_batch_size_and_empty_input(tmp_path):
-    from flowcore.scoring import score_files
+    from flowcore.ood.scoring import score_files
 
     ck, _ = _tiny_checkpoint(tmp_path)
     (tmp_path / "empty").mkdir()
@@ -273,7 +273,7 @@ def test_auroc_equals_sklearn_with_ties_and_needs_both_sets():
 
 
 def test_one_verdict_function_refuses_nan():
-    from flowcore.scores import is_ood, verdict
+    from flowcore.ood.scores import is_ood, verdict
 
     assert is_ood(-5.0, -4.0) and not is_ood(-3.0, -4.0)
     assert verdict(-5.0, -4.0) == "OOD" and verdict(-3.0, -4.0) == "in-distribution"

@@ -13,10 +13,11 @@ import torch
 from conftest import serve_folder
 
 import flowcore
-from flowcore import data, tabular
 from flowcore.cli import main
-from flowcore.data import DatasetNotFound, download
-from flowcore.download import ChecksumError, DownloadError, RemoteFile
+from flowcore.data import datasets as data
+from flowcore.data import tabular
+from flowcore.data.datasets import DatasetNotFound, download
+from flowcore.data.download import ChecksumError, DownloadError, RemoteFile
 
 RNG = np.random.default_rng(0)
 

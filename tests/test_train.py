@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 import flowcore
-from flowcore import train as train_mod
 from flowcore.cli import main
-from flowcore.evaluate import evaluate, load_reference
-from flowcore.scores import auroc
-from flowcore.train import TrainConfig, train
+from flowcore.ood.evaluate import evaluate, load_reference
+from flowcore.ood.scores import auroc
+from flowcore.training import train as train_mod
+from flowcore.training.train import TrainConfig, train
 
 
 def _blobs(n, seed, size=8, invert=False):
@@ -80,7 +80,7 @@ def test_bpd_drops_and_resume_is_exact(tiny_data, tmp_path, precision):
 def test_bf16_training_runs_bf16_steps_and_float32_evaluation(tiny_data, tmp_path, monkeypatch):
     """With "precision": "bf16" the training steps' st-nets run in bfloat16 and the per-epoch test bpd, the
     export and the exported model in float32; the learning curve is the float32 one within bfloat16 tolerance."""
-    from flowcore.precision import st_precision_of
+    from flowcore.flows.precision import st_precision_of
 
     npz, _ = tiny_data
     seen = []
@@ -194,7 +194,7 @@ def test_negative_training_pushes_ood_down(tiny_data, tmp_path):
 
 
 def test_negative_batches_use_running_statistics_and_leave_them_alone():
-    from flowcore.models import log_prob_running_stats
+    from flowcore.flows.models import log_prob_running_stats
 
     torch.manual_seed(0)
     model = flowcore.build({"arch": "realnvp", "image_shape": [1, 8, 8], "hidden": 8, "blocks": 1, "scales": 2})
@@ -264,8 +264,8 @@ def test_frozen_batchnorm_negative_fine_tune_lowers_the_evaluated_likelihood(tin
 
 
 def test_refresh_complexity_reproduces_evaluate_without_the_model(tiny_data, tmp_path, monkeypatch):
-    from flowcore import evaluate as evaluate_mod
-    from flowcore.checkpoints import CheckpointError
+    from flowcore.ood import evaluate as evaluate_mod
+    from flowcore.zoo.checkpoints import CheckpointError
 
     npz, ood = tiny_data
     root = tmp_path / "root"
@@ -276,7 +276,7 @@ def test_refresh_complexity_reproduces_evaluate_without_the_model(tiny_data, tmp
     fresh = load_reference(tmp_path / "ck")
     summary = json.loads((tmp_path / "ck" / "config.json").read_text())["reference"]
     # a different codec effort changes the stored complexity scores ...
-    monkeypatch.setattr("flowcore.scores.WEBP_METHOD", 0)
+    monkeypatch.setattr("flowcore.ood.scores.WEBP_METHOD", 0)
     changed = evaluate_mod.refresh_complexity(tmp_path / "ck", data_dir=str(root))
     assert not np.allclose(load_reference(tmp_path / "ck")["test__complexity_webp"], fresh["test__complexity_webp"])
     assert changed["auroc"]["likelihood"] == summary["auroc"]["likelihood"]
@@ -375,7 +375,7 @@ def test_score_folder_with_a_corrupt_file(tiny_data, tmp_path, capsys):
 
 
 def test_negative_term_is_eq_7_normalised_by_the_points_above_the_threshold():
-    from flowcore.train import negative_term
+    from flowcore.training.train import negative_term
 
     log_q = torch.tensor([-10.0, -50.0, -20.0, -200.0], requires_grad=True)
     term = negative_term(log_q, threshold=-100.0)
@@ -389,7 +389,7 @@ def test_negative_term_is_eq_7_normalised_by_the_points_above_the_threshold():
 def test_negative_term_equals_a_direct_transcription_of_eq_7():
     """Eq. 7's OOD part, written out term by term: (1 / N_OOD) sum_i log p(x_i) I[log p(x_i) > c], with N_OOD the
     count of points strictly above c; a point exactly at c is not counted (the indicator is strict)."""
-    from flowcore.train import negative_term
+    from flowcore.training.train import negative_term
 
     def transcribed(values: list[float], c: float) -> float:
         active = [v for v in values if v > c]
@@ -403,14 +403,14 @@ def test_negative_term_equals_a_direct_transcription_of_eq_7():
 
 
 def test_training_is_written_as_named_steps():
-    """No function in flowcore/train.py longer than about 80 lines: the loop reads as named steps (start, batches,
-    log-likelihoods, the one distributed reduction, step, export)."""
+    """No function in flowcore/training/train.py longer than about 80 lines: the loop reads as named steps (start,
+    batches, log-likelihoods, the one distributed reduction, step, export)."""
     import ast
     from pathlib import Path
 
-    import flowcore.train
+    import flowcore.training.train
 
-    tree = ast.parse(Path(flowcore.train.__file__).read_text())
+    tree = ast.parse(Path(flowcore.training.train.__file__).read_text())
     lengths = {n.name: n.end_lineno - n.lineno + 1 for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
     assert max(lengths.values()) <= 85, sorted(lengths.items(), key=lambda kv: -kv[1])[:3]
 

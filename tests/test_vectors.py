@@ -10,9 +10,10 @@ import torch
 from conftest import fake_extract
 
 import flowcore
-from flowcore import embeddings, vectors
 from flowcore.cli import main
-from flowcore.evaluate import load_reference
+from flowcore.data import embeddings
+from flowcore.ood import vectors
+from flowcore.ood.evaluate import load_reference
 
 DIM = embeddings.FEATURE_DIM
 
@@ -83,7 +84,7 @@ def test_train_evaluate_and_score_a_flow_on_features(fake, capsys):
 
 
 def test_vector_configs_are_checked(fake):
-    from flowcore.train import TrainConfig
+    from flowcore.training.train import TrainConfig
 
     tmp_path, _ = fake
     cfg = _config(tmp_path)
@@ -128,8 +129,8 @@ def test_embedding_likelihood_is_a_score_of_the_paired_pixel_flow(fake, capsys, 
     gives it (value, percentile, verdict against that flow's own test images); a pixel flow without a pair refuses."""
     from PIL import Image
 
-    from flowcore.checkpoints import paired_feature_flow
-    from flowcore.evaluate import evaluate
+    from flowcore.ood.evaluate import evaluate
+    from flowcore.zoo.checkpoints import paired_feature_flow
 
     tmp_path, _ = fake
     zoo = tmp_path / "zoo"

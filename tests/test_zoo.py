@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 import flowcore
-from flowcore.checkpoints import checkpoints_dir, list_checkpoints, read_config
-from flowcore.data import load_images, match_shape
-from flowcore.evaluate import load_reference
+from flowcore.data.datasets import load_images, match_shape
+from flowcore.ood.evaluate import load_reference
+from flowcore.zoo.checkpoints import checkpoints_dir, list_checkpoints, read_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = list_checkpoints(checkpoints_dir())
@@ -40,7 +40,7 @@ def test_stored_test_bpd_is_reproduced(name, data_dir):
     if cfg.get("features") == "tabular":  # a flow on the rows of a tabular set: every test row, exactly
         import torch
 
-        from flowcore.tabular import load_tabular
+        from flowcore.data.tabular import load_tabular
 
         if cfg["dataset"].startswith("breast_cancer"):
             pytest.importorskip("sklearn")
@@ -49,7 +49,7 @@ def test_stored_test_bpd_is_reproduced(name, data_dir):
         return
     if cfg.get("features"):  # a flow on image features: re-embed a few test images (the extractor is slow)
         pytest.importorskip("efficientnet_lite_pytorch")
-        from flowcore.vectors import image_log_likelihood
+        from flowcore.ood.vectors import image_log_likelihood
 
         x = load_images(cfg["dataset"], "test", data_dir)[:FEATURE_IMAGES]
         # float32 convolutions of a batch of one may round differently from those of the reference's batches

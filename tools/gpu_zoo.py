@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from flowcore.train import load_train_config, train
+from flowcore.training.train import load_train_config, train
 
 ROOT = Path(__file__).resolve().parent.parent
 PLAN = sorted((ROOT / "configs" / "gpu").glob("*.json"))
@@ -84,7 +84,7 @@ def pack(work: Path, out: Path, name: str) -> Path:
 def print_plan(paths: list[Path]) -> None:
     """Each planned model's parameters and float32 weight size, beside the shipped model it enlarges."""
     import flowcore
-    from flowcore.models import count_parameters
+    from flowcore.flows.models import count_parameters
 
     for path in paths:
         cfg = load_train_config(path)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_size(cfg, data_dir: str | None) -> int:
-    from flowcore.data import load_images
+    from flowcore.data.datasets import load_images
 
     return len(load_images(cfg.dataset, "train", data_dir))
 

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from flowcore.data import EXAMPLE_SETS, EXAMPLES_FILE, EXAMPLES_PER_SET, load_images
+from flowcore.data.datasets import EXAMPLE_SETS, EXAMPLES_FILE, EXAMPLES_PER_SET, load_images
 
 
 def main() -> int:

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from flowcore.zoo import MANIFEST, make_manifest
+from flowcore.zoo.remote import MANIFEST, make_manifest
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,0 +1,1 @@
+"""The flowcore dashboard (Streamlit): ``streamlit run app/Home.py`` or ``flowcore app``."""

@@ -1,1 +1,0 @@
-"""The flowcore dashboard (Streamlit): ``streamlit run flowcore/dashboard/Home.py`` or ``flowcore app``."""

@@ -1,0 +1,1 @@
+"""OOD detection: scores, reference statistics, AUROCs and evaluation, flows on features, and scoring files."""

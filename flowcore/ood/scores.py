@@ -1,0 +1,238 @@
+"""OOD scores beside raw likelihood. One sign convention: higher = more in-distribution.
+
+- ``likelihood``: log P(x) in nats (the baseline the paper shows failing).
+- ``complexity_png`` / ``complexity_webp``: input complexity (Serra et al. 2020),
+  ``-(bpd_model(x) - L(x) / D)`` with ``L`` the bit length of a lossless PNG (level 9) or WebP
+  (lossless, method 6) encoding of the uint8 image.
+- ``typicality``: ``-|log P(x) - H|``, ``H`` the mean in-distribution train log-likelihood
+  (Nalisnick et al. 2019); :func:`typicality_batch_test` is their batch test.
+- ``likelihood_ratio``: ``log P_model(x) - log P_background(x)`` (Ren et al. 2019), the background
+  model trained on in-distribution images with pixels replaced by uniform noise w.p. mu.
+- ``last_scale``: log N(z_S; 0, I) of the latents of the last (most global) scale alone
+  (after Schirrmeister et al. 2020); ``scale_k`` gives every scale's prior term.
+- ``embedding_likelihood``: log-density of the image's ImageNet-classifier features under the flow on features
+  trained on the same data (Sec. 8, :func:`flowcore.zoo.checkpoints.paired_feature_flow`), the paper's positive
+  result. The image is the one the pixel flow sees (inverted too where ``--invert auto`` inverted it); its
+  reference values are the feature flow's own (:func:`with_embedding_reference`).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+from torch import nn
+
+from ..flows.likelihood import as_image_tensor, log_likelihood_terms, nats_to_bpd
+
+__all__ = [
+    "SCORE_NAMES",
+    "SCORE_DESCRIPTIONS",
+    "compressed_bits",
+    "compute_scores",
+    "auroc",
+    "percentile_of",
+    "ood_threshold",
+    "is_ood",
+    "verdict",
+    "typicality_batch_test",
+    "result_rows",
+    "with_embedding_reference",
+    "CSV_FIELDS",
+]
+
+SCORE_DESCRIPTIONS = {
+    "likelihood": "log-likelihood log P(x) in nats (baseline)",
+    "complexity_png": "input complexity: -(model bpd - PNG bpd)",
+    "complexity_webp": "input complexity: -(model bpd - lossless WebP bpd)",
+    "typicality": "-|log P(x) - mean train log P|",
+    "likelihood_ratio": "log P_model(x) - log P_background(x)",
+    "last_scale": "log-density of the last scale's latents alone",
+    "embedding_likelihood": "log-density of the image's classifier features under the paired flow on features",
+}
+SCORE_NAMES = tuple(SCORE_DESCRIPTIONS)
+
+
+def _to_hwc(images) -> np.ndarray:
+    x = as_image_tensor(images).permute(0, 2, 3, 1).numpy()
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+WEBP_METHOD = 4
+
+
+def compressed_bits(images, codec: str = "png") -> np.ndarray:
+    """Bit length of a lossless encoding of each uint8 image (header included, as Serra et al.)."""
+    out = np.empty(len(images))
+    for i, arr in enumerate(_to_hwc(images)):
+        buf = io.BytesIO()
+        img = Image.fromarray(arr)
+        if codec == "png":
+            img.save(buf, format="PNG", optimize=True, compress_level=9)
+        elif codec == "webp":
+            # effort: method 4 (libwebp's default) with quality 100 encodes a 32x32 RGB image ~40x faster than
+            # method 6 and no larger (benchmarks/codecs.py), which decides how long an evaluation takes
+            img.save(buf, format="WEBP", lossless=True, quality=100, method=WEBP_METHOD)
+        else:
+            raise ValueError(f"unknown codec {codec!r}")
+        out[i] = 8 * buf.tell()
+    return out
+
+
+def complexity(bpd: np.ndarray, images, codec: str) -> np.ndarray:
+    """Input complexity (Serra et al.): -(model bpd - lossless ``codec`` bits/dim) of each image."""
+    dims = as_image_tensor(images)[0].numel()
+    return -(bpd - compressed_bits(images, codec) / dims)
+
+
+def compute_scores(
+    model: nn.Module,
+    images,
+    reference: dict[str, np.ndarray] | None = None,
+    background: nn.Module | None = None,
+    n_draws: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress=None,
+    *,
+    feature_flow: nn.Module | None = None,
+) -> dict[str, np.ndarray]:
+    """Every available score for a batch of uint8 images, plus ``bpd`` and per-scale terms.
+
+    ``reference`` (a checkpoint's reference statistics) provides ``H`` for typicality; without it or
+    without a ``background`` model those scores are left out; ``feature_flow`` (the paired flow on features)
+    adds ``embedding_likelihood``, each image embedded alone. Each row is a function of its image alone
+    (dequantization noise is keyed by the image's pixels: see ``log_likelihood_terms``).
+    """
+    x = as_image_tensor(images)
+    dims = x[0].numel()
+    terms = log_likelihood_terms(
+        model, x, n_draws, seed, "uniform", batch_size, device, progress
+    )
+    ll = terms["log_likelihood"]
+    bpd = nats_to_bpd(ll, dims)
+    out = {"likelihood": ll, "bpd": bpd, "log_det": terms["log_det"]}
+    for s in range(terms["prior_by_scale"].shape[1]):
+        out[f"scale_{s}"] = terms["prior_by_scale"][:, s]
+    out["last_scale"] = terms["prior_by_scale"][:, -1]
+    for codec in ("png", "webp"):
+        out[f"complexity_{codec}"] = complexity(bpd, x, codec)
+    if reference is not None and "train__likelihood" in reference:
+        out["typicality"] = -np.abs(ll - float(np.mean(reference["train__likelihood"])))
+    if background is not None:
+        bg = log_likelihood_terms(background, x, n_draws, seed, "uniform", batch_size, device)["log_likelihood"]
+        out["background_likelihood"] = bg
+        out["likelihood_ratio"] = ll - bg
+    if feature_flow is not None:
+        from .vectors import image_log_likelihood  # the optional extractor is imported only when asked for
+
+        out["embedding_likelihood"] = image_log_likelihood(feature_flow, np.asarray(images))
+    return out
+
+
+def with_embedding_reference(
+    reference: dict[str, np.ndarray], feature_reference: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """A pixel flow's reference plus its paired feature flow's likelihoods as ``{set}__embedding_likelihood``:
+    percentiles, thresholds and AUROCs of ``embedding_likelihood`` are read against the feature flow's own
+    reference images (its sets are those it was evaluated on)."""
+    extra = {k[: -len("likelihood")] + "embedding_likelihood": v
+             for k, v in feature_reference.items() if k.endswith("__likelihood")}
+    return {**reference, **extra}
+
+
+def auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    """AUROC with in-distribution as the positive class (paper convention); NaN-safe inputs only.
+
+    The Mann-Whitney form: the probability that a random in-distribution score exceeds a random OOD one, ties
+    counting a half (average ranks), which is the area under the ROC curve exactly.
+    """
+    pos, neg = np.asarray(in_scores, dtype=np.float64).ravel(), np.asarray(ood_scores, dtype=np.float64).ravel()
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("AUROC needs at least one in-distribution and one OOD score")
+    s = np.concatenate([pos, neg])
+    if not np.all(np.isfinite(s)):
+        raise ValueError("scores contain NaN or inf")
+    order = np.argsort(s, kind="mergesort")
+    _, first, counts = np.unique(s[order], return_index=True, return_counts=True)
+    ranks = np.empty(len(s))
+    ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based average rank of each tie group
+    u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
+    return float(u / (len(pos) * len(neg)))
+
+
+def percentile_of(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Percentage of ``reference`` scores strictly below each value (0 = least in-distribution)."""
+    ref = np.sort(np.asarray(reference))
+    return 100.0 * np.searchsorted(ref, np.asarray(values), side="left") / len(ref)
+
+
+def ood_threshold(reference_in: np.ndarray, fpr: float) -> float:
+    """Score threshold flagging a fraction ``fpr`` of in-distribution images as OOD (score < threshold)."""
+    if not 0 < fpr < 1:
+        raise ValueError("fpr must be in (0, 1)")
+    return float(np.quantile(np.asarray(reference_in), fpr))
+
+
+def is_ood(value: float, threshold: float) -> bool:
+    """The one OOD verdict: a score below the threshold of :func:`ood_threshold`. A non-finite score has no
+    verdict (NaN compares False with everything, which would read as in-distribution): it is refused."""
+    if not np.isfinite(value):
+        raise ValueError(f"a non-finite score ({value}) has no OOD verdict")
+    return bool(value < threshold)
+
+
+def verdict(value: float, threshold: float) -> str:
+    """:func:`is_ood` in words, as the dashboard shows it."""
+    return "OOD" if is_ood(value, threshold) else "in-distribution"
+
+
+def typicality_batch_test(
+    batch_ll: np.ndarray, train_ll: np.ndarray, reference_ll: np.ndarray, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """Nalisnick et al.'s test for a batch of M images: statistic |mean(batch) - H| and a bootstrap
+    p-value from in-distribution batches of the same size drawn from ``reference_ll`` (e.g. test)."""
+    batch_ll = np.asarray(batch_ll)
+    h = float(np.mean(train_ll))
+    stat = abs(float(np.mean(batch_ll)) - h)
+    rng = np.random.default_rng(seed)
+    m = len(batch_ll)
+    boots = np.abs(rng.choice(np.asarray(reference_ll), size=(n_boot, m), replace=True).mean(1) - h)
+    p = (1 + int(np.sum(boots >= stat))) / (n_boot + 1)
+    return stat, p
+
+
+CSV_FIELDS = ["path", "log_likelihood_nats", "bpd", "score", "value", "percentile", "ood"]
+
+
+def result_rows(
+    names: Sequence[str], scores: dict[str, np.ndarray], score: str, reference: dict[str, np.ndarray], fpr: float
+) -> list[dict]:
+    """One row per image in the one schema of ``flowcore score`` and the app's CSV (:data:`CSV_FIELDS`): its
+    log-likelihood, bpd, the chosen score, its percentile among the reference test images and the OOD verdict
+    at false-positive rate ``fpr``. An image with a non-finite value gets ``{"path", "error"}`` instead: NaN
+    compares False with every threshold, so it must never reach a percentile or a verdict."""
+    ref = reference[f"test__{score}"]
+    threshold = ood_threshold(ref, fpr)
+    pct = percentile_of(np.nan_to_num(np.asarray(scores[score], dtype=float)), ref)  # read only where finite
+    rows: list[dict] = []
+    for i, name in enumerate(names):
+        value, ll = float(scores[score][i]), float(scores["likelihood"][i])
+        if not (np.isfinite(value) and np.isfinite(ll)):
+            rows.append({"path": name, "error": f"non-finite {score} score ({value})"})
+            continue
+        rows.append(
+            {
+                "path": name,
+                "log_likelihood_nats": round(ll, 4),
+                "bpd": round(float(scores["bpd"][i]), 5) if "bpd" in scores else "",  # none for feature flows
+                "score": score,
+                "value": round(value, 5),
+                "percentile": round(float(pct[i]), 2),
+                "ood": is_ood(value, threshold),
+            }
+        )
+    return rows

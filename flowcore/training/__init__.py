@@ -1,0 +1,1 @@
+"""Training: the resumable training loop (pixels, negative training, fine-tuning) and torchrun support."""

@@ -1,0 +1,287 @@
+"""Checkpoint folders: ``model.safetensors`` + ``config.json`` (+ optional ``reference.npz``).
+
+Loading never unpickles: weights are safetensors, metadata is JSON, reference statistics are
+``np.load(..., allow_pickle=False)``. Every failure is a :class:`CheckpointError` with one clear line.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..flows.config import FlowConfig
+from ..flows.models import build
+
+__all__ = [
+    "CheckpointError",
+    "atomic_write",
+    "save",
+    "load",
+    "resolve",
+    "checkpoints_dir",
+    "checkpoint_roots",
+    "cache_dir",
+    "list_checkpoints",
+    "paired_feature_flow",
+    "read_config",
+]
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, unreadable or does not match its config."""
+
+
+# The default model ships inside the package (a wheel copies checkpoints/DEFAULT_MODEL here at build time), so
+# a fresh install scores and shows the dashboard without any download.
+BUNDLED = Path(__file__).resolve().parents[1] / "bundled"  # flowcore/bundled
+DEFAULT_MODEL = "fashion_realnvp"
+
+
+def cache_dir() -> Path:
+    """``$FLOWCORE_CACHE`` or ``~/.cache/flowcore``: fetched checkpoints and extracted image features."""
+    env = os.environ.get("FLOWCORE_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "flowcore"
+
+
+def _source_checkout_checkpoints() -> Path | None:
+    repo = Path(__file__).resolve().parents[2]
+    return repo / "checkpoints" if (repo / "pyproject.toml").is_file() and (repo / "checkpoints").is_dir() else None
+
+
+def checkpoint_roots() -> list[Path]:
+    """Where bare checkpoint names are looked up, in order: ``$FLOWCORE_CHECKPOINTS`` alone when set; else the
+    repository's ``checkpoints/`` (a source checkout), the per-user zoo (``flowcore zoo fetch``) and the model
+    bundled with the package."""
+    env = os.environ.get("FLOWCORE_CHECKPOINTS")
+    if env:
+        return [Path(env)]
+    repo = _source_checkout_checkpoints()
+    return [*([repo] if repo else []), cache_dir() / "checkpoints", BUNDLED]
+
+
+def checkpoints_dir() -> Path:
+    """The first of :func:`checkpoint_roots`: where the zoo's files live in a checkout (reports, model cards)."""
+    return checkpoint_roots()[0]
+
+
+def _is_checkpoint(folder: Path) -> bool:
+    return (folder / CONFIG).is_file() and (folder / WEIGHTS).is_file()
+
+
+def list_checkpoints(root: Path | None = None) -> list[str]:
+    """Names of every checkpoint in :func:`checkpoint_roots` (a name in an earlier root hides a later one), or in
+    ``root`` only."""
+    names: set[str] = set()
+    for folder in [root] if root is not None else checkpoint_roots():
+        if folder.is_dir():
+            names |= {p.name for p in folder.iterdir() if _is_checkpoint(p)}
+    return sorted(names)
+
+
+def is_continuation(cfg: dict[str, Any]) -> bool:
+    """A checkpoint config (``config.json``) of more epochs of a model on its whole training set: started from
+    another checkpoint's weights (``init_from``) with the same objective (no OOD term) and no subset of the data."""
+    t = cfg.get("training") or {}
+    return bool(t.get("init_from")) and not t.get("negative") and (cfg.get("train_config") or {}).get(
+        "train_subset") is None
+
+
+def is_plain_pixel_flow(cfg: dict[str, Any]) -> bool:
+    """A checkpoint config of a plain pixel flow, the kind of the paper's Table 1: multi-scale, checkerboard
+    masks, no st-net bottleneck, no OOD term, no background noise, not a flow on features; started from
+    another checkpoint only as a continuation. The Sec. 7 and App. B study variants are not plain."""
+    m, t = cfg.get("model") or {}, cfg.get("training") or {}
+    variant = (m.get("mask", "checkerboard") != "checkerboard" or m.get("scales") == 1 or m.get("bottleneck")
+               or t.get("negative") or cfg.get("features") or not m.get("image_shape"))
+    return not (variant or t.get("pixel_noise_mu") or (t.get("init_from") and not is_continuation(cfg)))
+
+
+def best_plain_pixel_flows(configs: dict[str, dict[str, Any]], dataset: str) -> dict[str, str]:
+    """Architecture -> the evaluated plain pixel flow (``is_plain_pixel_flow``) trained on ``dataset`` with the
+    lowest mean test bits/dim, among ``configs`` (name -> checkpoint config; the first name wins a tie): the
+    model a Table 1 cell reads and the pixel flow the features page sets beside a flow on features."""
+    best: dict[str, tuple[float, str]] = {}
+    for name in sorted(configs):
+        cfg = configs[name]
+        bpd = (cfg.get("reference") or {}).get("bpd_mean")
+        arch = (cfg.get("model") or {}).get("arch")
+        if bpd is None or cfg.get("dataset") != dataset or not is_plain_pixel_flow(cfg):
+            continue
+        if arch not in best or bpd < best[arch][0]:
+            best[arch] = (bpd, name)
+    return {arch: name for arch, (_, name) in best.items()}
+
+
+def paired_feature_flow(name: str) -> str | None:
+    """The flow on image features (Sec. 8) paired with the pixel flow ``name``: a checkpoint whose config has
+    ``features`` set to an image extractor, trained on the same dataset, whose images are brought to the pixel
+    flow's own input shape (so both flows see the same image). ``None`` when there is none; the first by name
+    when there are several."""
+    try:
+        cfg = read_config(name)
+    except CheckpointError:
+        return None
+    dataset, shape = cfg.get("dataset"), cfg.get("model", {}).get("image_shape")
+    if cfg.get("features") or not dataset or not shape:
+        return None
+    for other in list_checkpoints():
+        try:
+            pair = read_config(other)
+        except CheckpointError:
+            continue
+        features = pair.get("features")
+        if features and features != "tabular" and pair.get("dataset") == dataset \
+                and list(pair.get("input_shape") or []) == list(shape):
+            return other
+    return None
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A bare name resolves in :func:`checkpoint_roots` first (a folder of that name in the working directory never
+    shadows a shipped checkpoint: write ``./NAME`` for it); anything else is a path to a folder."""
+    p = Path(name_or_path)
+    bare = len(p.parts) == 1 and not str(name_or_path).startswith(".")
+    if bare:
+        for root in checkpoint_roots():
+            if (root / p).exists():
+                return root / p
+    if not p.exists() and len(p.parts) == 1:
+        known = ", ".join(list_checkpoints()) or "none"
+        raise CheckpointError(f"no checkpoint named {str(name_or_path)!r} (known: {known}; `flowcore zoo list`)")
+    if not p.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {p}")
+    return p
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix: str = "") -> None:
+    """Write ``path`` all or nothing: ``write(tmp)`` fills a temporary file beside it, which is synced and
+    renamed over ``path``. On any failure (a full disk, a kill signal's exception) the temporary file is
+    removed and ``path`` is left as it was; a full disk is named as such."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(e.errno, f"disk full while writing {path} (nothing was replaced)") from None
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomically write pretty JSON."""
+    _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
+    """Write ``path/model.safetensors`` and ``path/config.json`` (atomically, file by file)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)), suffix=".safetensors")
+    old = {}
+    if (path / CONFIG).is_file():
+        try:
+            old = json.loads((path / CONFIG).read_text())
+        except (OSError, ValueError):
+            old = {}
+    meta = {k: v for k, v in old.items() if k != "model"}
+    meta.update(metadata)
+    write_json(path / CONFIG, {"model": model.config.to_dict(), **meta})
+    return path
+
+
+def read_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's ``config.json`` as a dict (architecture under ``"model"``)."""
+    folder = resolve(name_or_path)
+    cfg_path = folder / CONFIG
+    if not cfg_path.is_file():
+        raise CheckpointError(f"{cfg_path}: missing config.json")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CheckpointError(f"{cfg_path}: no 'model' section")
+    return cfg
+
+
+def _check_shapes(weights: Path, flow_cfg: FlowConfig) -> None:
+    """Compare the safetensors header's tensor shapes with the config's architecture, built on the meta
+    device (no memory): a mismatched or hostile pair fails here, in milliseconds, with one line."""
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        skeleton = build(flow_cfg)
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    if found != wanted:
+        missing, extra = sorted(wanted.keys() - found.keys()), sorted(found.keys() - wanted.keys())
+        wrong = [k for k in sorted(wanted.keys() & found.keys()) if wanted[k] != found[k]]
+        parts = [f"{len(missing)} missing (e.g. {missing[0]})" if missing else "",
+                 f"{len(extra)} unexpected (e.g. {extra[0]})" if extra else "",
+                 f"{len(wrong)} of another shape (e.g. {wrong[0]}: {found[wrong[0]]} vs {wanted[wrong[0]]})"
+                 if wrong else ""]
+        detail = "; ".join(p for p in parts if p)
+        raise CheckpointError(f"{weights}: weights do not match config.json ({detail})")
+
+
+def load(name_or_path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Build the model described by ``config.json`` and load its safetensors weights (eval mode)."""
+    folder = resolve(name_or_path)
+    cfg = read_config(folder)
+    try:
+        flow_cfg = FlowConfig.from_dict(cfg["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{folder / CONFIG}: invalid model config ({e})") from None
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"{weights}: missing weights file")
+    _check_shapes(weights, flow_cfg)  # before anything of the model's size is allocated
+    model = build(flow_cfg)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights}: not a readable safetensors file ({e})") from None
+    for key, tensor in state.items():
+        # NaN weights (or a NaN BatchNorm running_var) give NaN scores, which would read as verdicts
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{weights}: tensor {key!r} holds non-finite values (NaN or inf)")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise CheckpointError(f"{weights}: weights do not match config.json ({detail[:300]})") from None
+    model.eval()
+    model.checkpoint_meta = {k: v for k, v in cfg.items() if k != "model"}
+    model.checkpoint_path = str(folder)
+    return model.to(device)

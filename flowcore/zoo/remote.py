@@ -1,0 +1,105 @@
+"""The model zoo: which checkpoints exist, where each one is, and fetching more from a mirror.
+
+The manifest (``flowcore/bundled/manifest.json``, written by ``python tools/zoo_manifest.py`` from the repository's
+``checkpoints/``) lists every shipped checkpoint's files with their size and SHA-256. ``flowcore zoo fetch NAME``
+downloads them from ``BASE_URL/NAME/FILE`` into the per-user zoo (``$FLOWCORE_CACHE/checkpoints``): each file is
+verified before it is kept, and the checkpoint's folder appears only once all of its files are there, so a
+failed or tampered download leaves nothing behind. Any static server of a source checkout's ``checkpoints/``
+folder is a mirror (``python -m http.server -d checkpoints``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..data.download import DownloadError, RemoteFile, fetch, sha256_of
+from .checkpoints import BUNDLED, CheckpointError, cache_dir, checkpoint_roots, list_checkpoints, resolve
+
+__all__ = ["MANIFEST", "ZOO_URL_ENV", "manifest", "make_manifest", "zoo_rows", "fetch_checkpoint"]
+
+MANIFEST = BUNDLED / "manifest.json"
+ZOO_URL_ENV = "FLOWCORE_ZOO_URL"
+# the files of a checkpoint folder that travel (the model card and histogram are derived but useful offline)
+FILES = ("model.safetensors", "config.json", "reference.npz", "README.md", "histogram.png", "projection.npz")
+
+
+def manifest(path: Path | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """``{name: {file: {"size": int, "sha256": str}}}`` of the shipped checkpoints ({} if no manifest)."""
+    path = path or MANIFEST
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data.get("checkpoints", {})
+
+
+def make_manifest(root: Path) -> dict[str, Any]:
+    """The manifest of every checkpoint folder under ``root`` (what ``tools/zoo_manifest.py`` writes)."""
+    entries = {}
+    for name in list_checkpoints(root):
+        folder = root / name
+        entries[name] = {f: {"size": (folder / f).stat().st_size, "sha256": sha256_of(folder / f)}
+                         for f in FILES if (folder / f).is_file()}
+    return {"format": 1, "checkpoints": entries}
+
+
+def zoo_rows() -> list[dict[str, str]]:
+    """One row per checkpoint known here or in the manifest: its name and where it is (or how to fetch it)."""
+    known = manifest()
+    rows = []
+    for name in sorted(set(known) | set(list_checkpoints())):
+        try:
+            where = str(resolve(name))
+        except CheckpointError:
+            where = f"not here: flowcore zoo fetch {name}"
+        size = sum(f["size"] for f in known.get(name, {}).values())
+        rows.append({"name": name, "where": where, "size": f"{size / 1e6:.1f} MB" if size else "?"})
+    return rows
+
+
+def fetch_checkpoint(
+    name: str,
+    base_url: str | None = None,
+    *,
+    timeout: float = 60.0,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> Path:
+    """Download checkpoint ``name`` from ``base_url`` (else ``$FLOWCORE_ZOO_URL``) into the per-user zoo and return
+    its folder. Every file must match the manifest's size and SHA-256; on any failure nothing is left behind."""
+    files = manifest().get(name)
+    if files is None:
+        raise ValueError(f"unknown checkpoint {name!r}; the zoo has: {', '.join(sorted(manifest())) or 'none'}")
+    base = base_url or os.environ.get(ZOO_URL_ENV)
+    if not base:
+        raise DownloadError(
+            f"no zoo mirror: pass --base-url or set {ZOO_URL_ENV} (any static server of a source checkout's "
+            "checkpoints/ folder is one: python -m http.server -d checkpoints)"
+        )
+    dest_root = cache_dir() / "checkpoints"
+    dest = dest_root / name
+    if dest.is_dir() and all(
+        (dest / f).is_file() and sha256_of(dest / f) == meta["sha256"] for f, meta in files.items()
+    ):
+        return dest
+    dest_root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".part", dir=dest_root))
+    try:
+        for filename, meta in files.items():
+            remote = RemoteFile(filename, (f"{base.rstrip('/')}/{name}/{filename}",), meta["sha256"], meta["size"])
+            fetch(remote.urls, staging / filename, remote, timeout, progress)
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
+
+
+def roots_text() -> str:
+    """Where bare names are looked up, for ``flowcore zoo list``."""
+    return "looked up in: " + ", ".join(str(r) for r in checkpoint_roots())
