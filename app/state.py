@@ -48,10 +48,11 @@ from flowcore.flows.likelihood import nats_to_bpd
 from flowcore.flows.models import latent_scale_map
 from flowcore.inspection.probes import default_box
 from flowcore.ood.evaluate import auroc_table, default_ood_sets, load_reference
-from flowcore.ood.scores import SCORE_NAMES, compute_scores, with_embedding_reference
-from flowcore.ood.vectors import image_log_likelihood
+from flowcore.ood.scores import EMBEDDING_SCORES, SCORE_NAMES, compute_scores, with_embedding_reference
+from flowcore.ood.vectors import FeatureScorer, load_feature_scorer
 from flowcore.zoo.checkpoints import (
     DEFAULT_MODEL,
+    FOLDER_FILES,
     CheckpointError,
     best_plain_pixel_flows,
     checkpoints_dir,
@@ -211,7 +212,7 @@ def stamp(name: str) -> str:
     """Cache key of a checkpoint: its folder and the modification times of its files."""
     folder = resolve(name)
     parts = [str(folder.resolve())]
-    for f in ("model.safetensors", "config.json", "reference.npz"):
+    for f in FOLDER_FILES:
         p = folder / f
         parts.append(str(p.stat().st_mtime_ns) if p.is_file() else "-")
     return "|".join(parts)
@@ -232,7 +233,8 @@ def config(name: str) -> dict[str, Any]:
 @per_checkpoint(max_entries=16)
 def reference(name: str) -> dict[str, np.ndarray]:
     """The checkpoint's per-image reference scores (``{}`` before ``flowcore evaluate``), with its paired flow on
-    features' likelihoods as ``embedding_likelihood`` where there is one (:func:`paired_flow`)."""
+    features' likelihoods as ``embedding_likelihood`` (and its baselines' scores) where there is one
+    (:func:`paired_flow`)."""
     ref = load_reference(name)
     pair = paired_flow(name)
     if ref and pair:
@@ -275,9 +277,11 @@ def auroc_rows(name: str) -> list[dict[str, Any]]:
         ref = reference(name)
         table = auroc_table(ref) if ref else {}
     pair = paired_flow(name)
-    pair_row = ((config(pair).get("reference") or {}).get("auroc") or {}).get("likelihood") if pair else None
-    if pair_row and "embedding_likelihood" not in table:
-        table["embedding_likelihood"] = pair_row
+    pair_table = ((config(pair).get("reference") or {}).get("auroc") or {}) if pair else {}
+    for score, row in pair_table.items():  # the feature flow's rows, under their names on a pixel flow
+        key = "embedding_likelihood" if score == "likelihood" else score
+        if key in EMBEDDING_SCORES and key not in table:
+            table[key] = row
     return [{"score": score, **{s: float(v) for s, v in row.items()}} for score, row in table.items()]
 
 
@@ -410,15 +414,22 @@ def scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np
         pair = paired_flow(name)
         if pair and rows:  # the paired flow on features: each image embedded alone, cached per image
             for row, a in zip(rows, arrays, strict=True):
-                row["embedding_likelihood"] = _feature_score(pair, a)
+                for key, value in _feature_scores(pair, a).items():
+                    row["embedding_likelihood" if key == "likelihood" else key] = value
     if not rows:
         return {}
     return {k: np.array([r[k] for r in rows]) for k in rows[0]}
 
 
+@per_checkpoint(spinner="Loading the flow on features...", max_entries=4, resource=True)
+def feature_scorer(name: str) -> FeatureScorer:
+    """A flow on features with its stored baselines, loaded once per process."""
+    return load_feature_scorer(name)
+
+
 @per_checkpoint(max_entries=4096)
-def _feature_score(name: str, array: np.ndarray) -> float:
-    return float(image_log_likelihood(model(name), array[None])[0])
+def _feature_scores(name: str, array: np.ndarray) -> dict[str, float]:
+    return {k: float(v[0]) for k, v in feature_scorer(name).score_images(array[None]).items()}
 
 
 @per_checkpoint(max_entries=4096)
@@ -431,10 +442,13 @@ def features(name: str, arrays: Sequence[np.ndarray]) -> np.ndarray:
     return np.stack([_features(name, a) for a in arrays])
 
 
-def feature_scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
-    """Log-likelihood (nats) of uint8 images under a flow on features, each image embedded alone and cached."""
+def feature_scores(name: str, arrays: np.ndarray | Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Scores of uint8 images under a flow on features and its stored baselines: ``likelihood`` (nats) and, where
+    stored, ``embedding_gaussian`` and ``embedding_knn``; each image embedded alone and cached."""
     with st.spinner("Embedding with EfficientNet-Lite0 and scoring..."):
-        return np.array([_feature_score(name, a) for a in arrays], dtype=np.float64)
+        rows = [_feature_scores(name, a) for a in arrays]
+    keys = rows[0] if rows else feature_scorer(name).names
+    return {k: np.array([r[k] for r in rows], dtype=np.float64) for k in keys}
 
 
 def pixel_counterparts(name: str) -> list[str]:

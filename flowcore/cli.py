@@ -30,12 +30,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config)
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)  # validated like the file's own value
-    if cfg.features:  # Sec. 8: a flow on image features
+    if cfg.features:  # Sec. 8: a flow on image features (or App. K.3: on table rows)
         from .ood.vectors import train_vectors
 
+        if args.resume:
+            raise ValueError("a flow on vectors trains in minutes and keeps no resumable state: run it again "
+                             "without --resume")
         summary = train_vectors(cfg, args.run_dir, args.data_dir, args.export, args.replace,
-                                progress=not args.no_progress)
-        print(f"done: test nll {summary['test_nll_per_dim']:.4f} nats/feature, exported to {summary['export']}")
+                                progress=not args.no_progress, max_minutes=args.max_minutes,
+                                max_steps=args.max_steps, device=args.device)
+        print(f"done: {summary['stopped_by']} after {summary['epoch']} epochs, best epoch "
+              f"{summary['selected_epoch']}, test nll {summary['test_nll_per_dim']:.4f} nats/feature, exported to "
+              f"{summary['export']}")
         return 0
     summary = train(
         cfg,
@@ -263,8 +269,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("paths", nargs="+")
     s.add_argument("--score", default="likelihood",
                    help="score used for percentile and OOD flag: likelihood, complexity_png, complexity_webp, "
-                        "typicality, likelihood_ratio (with a background model), last_scale, or "
-                        "embedding_likelihood (a pixel flow with a paired flow on features, Sec. 8)")
+                        "typicality, likelihood_ratio (with a background model), last_scale, or, with a paired flow "
+                        "on features (Sec. 8): embedding_likelihood and its baselines embedding_gaussian (a "
+                        "Ledoit-Wolf Gaussian of the training features) and embedding_knn (k-th nearest training "
+                        "feature, Sun et al. 2022); a flow on features itself: likelihood, embedding_gaussian, "
+                        "embedding_knn")
     s.add_argument("--fpr", type=float, default=0.05, help="false-positive rate of the OOD flag")
     s.add_argument("--invert", choices=["auto", "yes", "no"], default="auto")
     s.add_argument("--format", choices=["csv", "json"], default="csv")

@@ -193,3 +193,139 @@ def test_cli_without_the_extractor_says_how_to_install_it(fake, capsys, monkeypa
     assert main(["score", str(ck), str(tmp_path / "blob.png"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "[embeddings]" in err and "Traceback" not in err
+
+
+# ---- Issue 28: baselines on the same features, and feature flows trained against a validation set ----
+
+
+def _whitening_config(tmp_path, **changes) -> dict:
+    cfg = _config(tmp_path)
+    cfg["model"] = {**cfg["model"], "whiten": True, "flow_dims": 16}
+    return {**cfg, "validation_fraction": 0.25, "patience": 3, "epochs": 12, **changes}
+
+
+def test_ledoit_wolf_and_the_gaussian_score_match_scikit_learn_and_numpy():
+    """The whitening layer's Gaussian is scikit-learn's LedoitWolf fit, and its log-density is the Gaussian
+    log-density written out in NumPy (Mahalanobis distance, log-determinant)."""
+    from sklearn.covariance import LedoitWolf
+
+    from flowcore.flows.bijectors import ledoit_wolf
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 40)) @ rng.normal(size=(40, 40)) + rng.normal(size=40)
+    mean, cov, shrinkage = ledoit_wolf(torch.from_numpy(x))
+    lw = LedoitWolf().fit(x)
+    assert shrinkage == pytest.approx(lw.shrinkage_, rel=1e-10) and 0 < shrinkage < 1
+    np.testing.assert_allclose(cov.numpy(), lw.covariance_, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(mean.numpy(), lw.location_, rtol=1e-12)
+
+    flow = flowcore.build({"arch": "realnvp_tabular", "dim": 40, "hidden": 8, "blocks": 1, "couplings": 2,
+                           "whiten": True, "flow_dims": 6})
+    flow.standardize.fit(torch.from_numpy(x).float())
+    test = rng.normal(size=(7, 40)) * 3
+    diff = test - lw.location_
+    maha = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(lw.covariance_), diff)
+    want = -0.5 * (maha + np.linalg.slogdet(lw.covariance_)[1] + 40 * np.log(2 * np.pi))
+    got = vectors.gaussian_log_likelihood(flow, test.astype(np.float32))
+    np.testing.assert_allclose(got, want, rtol=2e-4)
+    # the flow is exact: inverse(forward(x)) = x and its log-det is the autograd Jacobian's
+    xt = torch.from_numpy(test).float()
+    z, log_det = flow(xt)
+    np.testing.assert_allclose(flow.inverse(z).detach().numpy(), test, atol=2e-4)
+    from torch.autograd.functional import jacobian
+
+    brute = torch.stack([torch.linalg.slogdet(jacobian(lambda a: flow(a[None])[0][0], xi))[1] for xi in xt])
+    np.testing.assert_allclose(log_det.detach().numpy(), brute.numpy(), atol=2e-3)
+
+
+def test_knn_score_matches_a_brute_force_search():
+    from flowcore.ood.scores import knn_score
+
+    rng = np.random.default_rng(1)
+    bank_raw = rng.normal(size=(50, 12))
+    bank = bank_raw / np.linalg.norm(bank_raw, axis=1, keepdims=True)
+    queries = rng.normal(size=(9, 12)) * rng.uniform(0.1, 10, (9, 1))
+    for k in (1, 3, 50):
+        want = []
+        for q in queries:
+            u = q / np.linalg.norm(q)
+            distances = sorted(float(np.sqrt(((u - b) ** 2).sum())) for b in bank)
+            want.append(-distances[k - 1])
+        np.testing.assert_allclose(knn_score(queries, bank, k), want, atol=1e-9)
+    with pytest.raises(ValueError, match="k must be in 1..50"):
+        knn_score(queries, bank, 51)
+
+
+def test_a_whitening_flow_trains_against_validation_and_stores_its_baselines(fake, capsys):
+    """validation_fraction holds vectors out; the exported weights are the epoch with the best validation NLL (read
+    back from the card's curve); patience stops the run; the k-NN bank and the Gaussian travel with the flow; the
+    evaluation stores all three scores and the CLI scores each."""
+    from PIL import Image
+
+    from flowcore.ood.scores import knn_score
+
+    tmp_path, _ = fake
+    (tmp_path / "cfg.json").write_text(json.dumps(_whitening_config(tmp_path, patience=2, epochs=40, lr=3e-3)))
+    ck = tmp_path / "ck"
+    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--export", str(ck),
+                 "--no-progress"]) == 0
+    cfg = json.loads((ck / "config.json").read_text())
+    training = cfg["training"]
+    curve = training["curve"]
+    val = [p["validation_nll_per_dim"] for p in curve]
+    assert training["validation"]["selected_epoch"] == 1 + int(np.argmin(val))
+    assert training["validation"]["vectors"] == 60 and training["train_images"] == 180
+    if training["stopped_by"] == "patience":
+        assert len(curve) - training["validation"]["selected_epoch"] == 2
+    # the exported weights are the selected epoch's: its test NLL is the card's metric
+    best = curve[training["validation"]["selected_epoch"] - 1]
+    assert cfg["metrics"]["test_nll_per_dim"] == pytest.approx(best["test_nll_per_dim"], abs=1e-5)
+    assert cfg["knn"] == {"k": 1, "bank": 180, "metric": "euclidean, unit-length features"}
+
+    assert main(["evaluate", str(ck), "--train-subset", "100"]) == 0
+    ref = load_reference(ck)
+    scorer = vectors.load_feature_scorer(ck)
+    raw = fake_extract(np.load(tmp_path / "blobs.npz")["x_test"])
+    np.testing.assert_allclose(ref["test__embedding_knn"], knn_score(raw, scorer.knn_bank, 1), rtol=1e-6)
+    np.testing.assert_allclose(ref["test__embedding_gaussian"], vectors.gaussian_log_likelihood(scorer.flow, raw),
+                               rtol=1e-6)
+    auroc = json.loads((ck / "config.json").read_text())["reference"]["auroc"]
+    assert set(auroc) == {"likelihood", "embedding_gaussian", "embedding_knn"}
+    assert auroc["embedding_gaussian"]["noise"] > 0.95 and auroc["embedding_knn"]["noise"] > 0.95
+
+    Image.fromarray(np.load(tmp_path / "blobs.npz")["x_test"][0]).convert("RGB").save(tmp_path / "blob.png")
+    capsys.readouterr()
+    for score in ("embedding_gaussian", "embedding_knn"):
+        assert main(["score", str(ck), str(tmp_path / "blob.png"), "--score", score, "--format", "json",
+                     "--no-progress"]) == 0
+        (row,) = json.loads(capsys.readouterr().out)
+        value = scorer.score(fake_extract(np.asarray(Image.open(tmp_path / "blob.png"))[None]))[score][0]
+        assert row["score"] == score and row["value"] == pytest.approx(float(value), abs=1e-4)
+
+
+def test_feature_training_honours_max_steps_and_refuses_resume(fake, capsys):
+    tmp_path, _ = fake
+    (tmp_path / "cfg.json").write_text(json.dumps(_whitening_config(tmp_path)))
+    ck = tmp_path / "ck"
+    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--export", str(ck),
+                 "--no-progress", "--max-steps", "5"]) == 0
+    training = json.loads((ck / "config.json").read_text())["training"]
+    assert training["stopped_by"] == "max_steps" and training["images_seen"] == 5 * 60
+    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "without --resume" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_old_feature_flow_without_baselines_says_so(fake, capsys):
+    """A feature flow trained before the baselines (per-feature standardisation, no bank) refuses them with the
+    reason instead of scoring something else."""
+    from PIL import Image
+
+    tmp_path, _ = fake
+    ck = _trained_and_evaluated(tmp_path, tmp_path / "ck")
+    (ck / "knn.safetensors").unlink()
+    Image.fromarray(np.load(tmp_path / "blobs.npz")["x_test"][0]).save(tmp_path / "blob.png")
+    capsys.readouterr()
+    for score in ("embedding_gaussian", "embedding_knn"):
+        assert main(["score", str(ck), str(tmp_path / "blob.png"), "--score", score]) == 2
+        assert f"stores no {score} baseline" in capsys.readouterr().err

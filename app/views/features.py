@@ -19,9 +19,20 @@ from flowcore.zoo.checkpoints import checkpoints_dir
 DEFAULT_FLOW = "cifar10_embeddings"
 
 
+def score_label(name: str, score: str) -> str:
+    """How the page names one score of the feature flow ``name``."""
+    if score == "embedding_knn":
+        k = (state.config(name).get("knn") or {}).get("k")
+        return f"k-NN on features (k = {k})"
+    if score == "embedding_gaussian":
+        return "Gaussian on features (Ledoit-Wolf)"
+    return f"{name} (flow on features)"
+
+
 def auroc_frame(name: str, pixel_flows: list[str]) -> pd.DataFrame:
-    """Likelihood AUROC (%) per OOD set: the feature flow, then each pixel flow on the same data."""
-    columns = {f"{name} (features)": measure.likelihood_aurocs(name)}
+    """AUROC (%) per OOD set: the feature flow and the baselines stored with it, then each pixel flow's likelihood
+    on the same data."""
+    columns = {score_label(name, s): row for s, row in measure.feature_score_aurocs(name).items()}
     columns.update({f"{p} (pixels)": measure.likelihood_aurocs(p) for p in pixel_flows})
     frame = pd.DataFrame(columns) * 100
     frame.index.name = "OOD set"
@@ -33,9 +44,9 @@ def flagged(values: np.ndarray, threshold: float) -> int:
     return sum(is_ood(float(v), threshold) for v in values if np.isfinite(v))
 
 
-def verdict_sentence(row: dict, pixel: str | None) -> str:
+def verdict_sentence(row: dict, pixel: str | None, judge: str = "the flow on features") -> str:
     """One image's two verdicts in words, and which model is right when they differ (the lesson of Sec. 8)."""
-    text = (f"**{row['image']}**: the flow on features says **{row['features: verdict']}** (percentile "
+    text = (f"**{row['image']}**: {judge} says **{row['features: verdict']}** (percentile "
             f"{row['features: percentile']:.2f} %)")
     if "pixels: verdict" not in row:
         return text + "."
@@ -49,19 +60,20 @@ def verdict_sentence(row: dict, pixel: str | None) -> str:
 
 
 def draw_reference(name: str, ref: dict[str, np.ndarray], marks: list[tuple[str, float]],
-                   arrays: list[np.ndarray]) -> None:
-    """The reference sets' feature log-likelihoods with each image marked, and the 2-D view of their features."""
-    sets = {s: ref[f"{s}__likelihood"] for s in state.reference_sets(name)}
+                   arrays: list[np.ndarray], score: str = "likelihood") -> None:
+    """The reference sets' values of ``score`` with each image marked, and the 2-D view of their features."""
+    sets = {s: ref[f"{s}__{score}"] for s in state.reference_sets(name) if f"{s}__{score}" in ref}
     left, right = st.columns(2)
     with left:
-        st.markdown("**Log-likelihood of the features** (higher = more in-distribution)")
+        st.markdown(f"**{score_label(name, score)}** (higher = more in-distribution)")
         # OOD features can be millions of nats below the test set: the axis is cut at the 1st percentile of the
         # pooled reference values, and values below it are drawn at the cut (stated in the caption)
         cut = float(np.percentile(np.concatenate(list(sets.values())), 1))
         clipped = {k: np.maximum(v, cut) for k, v in sets.items()}
-        fig = figures.histogram(clipped, [(m, max(v, cut)) for m, v in marks[:12]], xlabel="log-likelihood, nats")
+        unit = "minus distance" if score == "embedding_knn" else "log-likelihood, nats"
+        fig = figures.histogram(clipped, [(m, max(v, cut)) for m, v in marks[:12]], xlabel=unit)
         st.plotly_chart(fig, key="features_hist")
-        st.caption(f"Values below {cut:.4g} nats (the lowest 1 % of the reference values) are drawn at it.")
+        st.caption(f"Values below {cut:.4g} (the lowest 1 % of the reference values) are drawn at it.")
     with right:
         folder = state.resolve(name)
         if not (folder / PROJECTION).is_file():
@@ -113,14 +125,26 @@ def main() -> None:
     fpr = c2.slider("False-positive rate of the OOD verdict", 0.01, 0.5, 0.05, 0.01, key="features_fpr",
                     help="Each threshold flags this fraction of its model's in-distribution test images as OOD.")
     pixel = c3.selectbox("Pixel flow beside it", pixel_flows, key="features_pixel") if pixel_flows else None
-    threshold = ood_threshold(ref["test__likelihood"], fpr)
+    offered = [s for s in measure.FEATURE_SCORES if f"test__{s}" in ref]
+    if st.session_state.get("features_score") not in offered:
+        best = measure.best_feature_score(name)
+        st.session_state["features_score"] = best if best in offered else "likelihood"
+    score = st.radio("Score of the verdicts on features", offered, key="features_score", horizontal=True,
+                     format_func=lambda s: score_label(name, s),
+                     help="The flow's log-likelihood of the features, or one of the two baselines stored with it. "
+                          "It starts on the one with the best mean AUROC over the OOD sets below.")
+    threshold = ood_threshold(ref[f"test__{score}"], fpr)
     pixel_ref = state.reference(pixel) if pixel else {}
     pixel_threshold = ood_threshold(pixel_ref["test__likelihood"], fpr) if "test__likelihood" in pixel_ref else None
 
-    st.subheader("AUROC, likelihood (%)")
+    st.subheader("AUROC (%): the flow, its baselines and the pixel flows")
     st.table(auroc_frame(name, pixel_flows))  # a table wraps to its column: a dataframe was cut at 1024x768
-    st.caption("100 % = the model ranks every in-distribution test image above every OOD image; 50 % = chance; "
-               "below 50 % = the OOD images look *more* likely.")
+    st.markdown(measure.baselines_finding(name))
+    st.caption("100 % = the score ranks every in-distribution test image above every OOD image; 50 % = chance; "
+               "below 50 % = the OOD images look *more* in-distribution. The Gaussian is fitted with Ledoit-Wolf "
+               "shrinkage to the same training features as the flow (it is the flow's own first layer); the k-NN "
+               "score is minus the distance of the unit-length features to the k-th nearest of a bank of unit-"
+               "length training features (Sun et al., ICML 2022).")
 
     st.subheader("Your images")
     shape = tuple(state.config(name).get("input_shape") or (3, 32, 32))
@@ -128,7 +152,7 @@ def main() -> None:
     state.show_input_errors(bad)
     if good:
         arrays = [p.array for _, p in good]
-        ll = state.feature_scores(name, arrays)
+        ll = state.feature_scores(name, arrays)[score]
         rows = []
         pixel_ll = None
         if pixel_threshold is not None:
@@ -136,10 +160,10 @@ def main() -> None:
             pixel_ll = state.scores(pixel, [p.array for _, p in pixel_good])["likelihood"]
         for i, ((item, _), value) in enumerate(zip(good, ll, strict=True)):
             if not np.isfinite(value):
-                st.error(f"{item.name}: the flow gives its features a non-finite score (NaN or inf); no verdict")
+                st.warning(f"{item.name}: its features get a non-finite score (NaN or inf); no verdict")
                 continue
             row = {"image": item.name,
-                   "features: percentile": round(float(percentile_of(value, ref["test__likelihood"])), 2),
+                   "features: percentile": round(float(percentile_of(value, ref[f"test__{score}"])), 2),
                    "features: verdict": verdict(float(value), threshold)}
             if pixel_ll is not None and np.isfinite(pixel_ll[i]):
                 row["pixels: percentile"] = round(float(percentile_of(pixel_ll[i], pixel_ref["test__likelihood"])), 2)
@@ -148,21 +172,23 @@ def main() -> None:
         if rows:
             st.table(pd.DataFrame(rows).set_index("image").style.format(precision=2))  # not a float's 4 decimals
             for row in rows[:12]:
-                st.markdown(verdict_sentence(row, pixel))
+                judge = {"likelihood": "the flow on features", "embedding_gaussian": "the Gaussian on features",
+                         "embedding_knn": "the k-NN score on features"}[score]
+                st.markdown(verdict_sentence(row, pixel, judge))
         draw_reference(name, ref, [(item.name, float(v)) for (item, _), v in zip(good, ll, strict=True)],
-                       [p.array for _, p in good])
+                       [p.array for _, p in good], score)
         st.caption(f"Each image is first brought to {shape[1]}x{shape[2]} (centre crop), like the training images, "
                    "then embedded on its own. Percentile: share of the model's test images with a lower likelihood.")
     else:
         st.caption("No image yet: upload some in the sidebar or add them on the Inputs page.")
-        draw_reference(name, ref, [], [])
+        draw_reference(name, ref, [], [], score)
 
     st.subheader("The bundled examples")
     rows = []
     for dataset in EXAMPLE_SETS:
         x = load_examples(dataset)
         row = {"set": set_label(dataset), "images": len(x),
-               "flagged OOD (features)": flagged(state.feature_scores(name, x), threshold)}
+               "flagged OOD (features)": flagged(state.feature_scores(name, x)[score], threshold)}
         if pixel_threshold is not None:
             px = state.scores(pixel, load_examples(dataset, state.image_shape(pixel)))["likelihood"]
             row["flagged OOD (pixels)"] = flagged(px[np.isfinite(px)], pixel_threshold)

@@ -123,10 +123,13 @@ def step_features(name: str, image: np.ndarray) -> None:
                 "ImageNet classifier computes for each image rather than on its pixels.")
     for flow in flows:
         pixels = state.pixel_counterparts(flow)
-        st.markdown(measure.features_finding(flow, pixels))
-        rows = {f"{flow} (features)": measure.likelihood_aurocs(flow),
-                **{f"{p} (pixels)": measure.likelihood_aurocs(p) for p in pixels}}
+        best = measure.best_feature_score(flow)  # the flow or a baseline on its features, whichever is best
+        st.markdown(measure.features_finding(flow, pixels, best))
+        rows = {f"{flow}: {measure.FEATURE_SCORES[s]}": row for s, row in measure.feature_score_aurocs(flow).items()}
+        rows.update({f"{p} (pixels)": measure.likelihood_aurocs(p) for p in pixels})
         st.table((pd.DataFrame(rows) * 100).round(1))
+        if best != "likelihood":
+            st.caption(measure.baselines_finding(flow))
     st.page_link("views/features.py", label="Score your own images with both", icon=":material/verified:")
 
 

@@ -27,6 +27,9 @@ __all__ = [
     "AffineCoupling",
     "VectorCoupling",
     "Standardize",
+    "Whiten",
+    "OnLeading",
+    "ledoit_wolf",
     "Chain",
     "squeeze",
     "unsqueeze",
@@ -313,6 +316,79 @@ class Standardize(Bijector):
 
     def inverse(self, y: Tensor) -> Tensor:
         return y * self.scale + self.mean
+
+
+def ledoit_wolf(x: Tensor) -> tuple[Tensor, Tensor, float]:
+    """Mean, Ledoit-Wolf shrunk covariance and shrinkage of data ``(N, D)``, in float64.
+
+    ``(1 - a) S + a (tr S / D) I`` with ``S`` the maximum-likelihood covariance and ``a`` Ledoit and Wolf's (2004)
+    estimate of the optimal shrinkage (the formula of scikit-learn's ``LedoitWolf``, which the tests compare
+    against). With 1280 features and a few thousand images ``S`` alone is close to singular; the shrunk estimate
+    is well conditioned and the better density for unseen data.
+    """
+    x = x.double()
+    n, d = x.shape
+    mean = x.mean(0)
+    xc = x - mean
+    cov = xc.T @ xc / n
+    mu = torch.trace(cov) / d
+    x2 = xc**2
+    beta_sum = float((x2.T @ x2).sum())
+    delta_sum = float((cov**2).sum())
+    beta = (beta_sum / n - delta_sum) / (d * n)
+    delta = (delta_sum - 2 * float(mu) * float(torch.trace(cov)) + d * float(mu) ** 2) / d
+    shrinkage = 0.0 if delta == 0 else min(beta, delta) / delta
+    shrunk = (1 - shrinkage) * cov + shrinkage * mu * torch.eye(d, dtype=x.dtype)
+    return mean, shrunk, shrinkage
+
+
+class Whiten(Bijector):
+    """``y = diag(scale)^-1 V (x - mean)``: rotation onto the principal axes of the training features (``V``'s rows,
+    by decreasing variance) and division by each axis's standard deviation under a Ledoit-Wolf shrunk covariance.
+
+    Fixed buffers (set by :meth:`fit`, stored with the weights). Under a standard normal prior this layer alone is
+    exactly the log-density of the shrunk Gaussian of the training features (the ``embedding_gaussian``
+    baseline); couplings after it model what the Gaussian misses, starting with the leading axes."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("axes", torch.eye(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, x: Tensor, floor: float = 1e-6) -> float:
+        """Set the buffers from data ``(N, D)``; returns the Ledoit-Wolf shrinkage."""
+        mean, cov, shrinkage = ledoit_wolf(x)
+        variances, vectors = torch.linalg.eigh(cov)  # ascending
+        order = torch.argsort(variances, descending=True)
+        self.mean.copy_(mean.float())
+        self.axes.copy_(vectors[:, order].T.float())
+        self.scale.copy_(variances[order].clamp_min(floor).sqrt().float())
+        return shrinkage
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return (x - self.mean) @ self.axes.T / self.scale, (-torch.log(self.scale).sum()).expand(len(x))
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return (y * self.scale) @ self.axes + self.mean
+
+
+class OnLeading(Bijector):
+    """``inner`` on the first ``dims`` coordinates of a vector, the identity on the rest (after :class:`Whiten`:
+    a flow on the leading principal axes, the shrunk Gaussian on the others)."""
+
+    def __init__(self, dims: int, inner: Bijector) -> None:
+        super().__init__()
+        self.dims = dims
+        self.inner = inner
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        head, log_det = self.inner(x[:, : self.dims])
+        return torch.cat([head, x[:, self.dims :]], dim=1), log_det
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return torch.cat([self.inner.inverse(y[:, : self.dims]), y[:, self.dims :]], dim=1)
 
 
 class VectorCoupling(Bijector):

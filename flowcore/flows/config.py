@@ -55,6 +55,10 @@ class FlowConfig:
       paper's) or ``k``: a 1x1 convolution first reduces the map to ``k`` channels, so a wide ``l`` stays small
       on disk (all information still passes through ``l`` numbers).
     - ``logit_alpha``: ``a`` in ``y = logit(a + (1 - 2a) v)``.
+    - ``whiten`` (tabular): the first layer rotates onto the principal axes of the training vectors and divides by
+      their Ledoit-Wolf shrunk deviations (``Whiten``) instead of standardising each feature alone.
+    - ``flow_dims`` (tabular, with ``whiten``): the couplings act on the leading ``flow_dims`` principal axes only;
+      the others keep the shrunk Gaussian. ``None``: all axes.
     """
 
     arch: str = "realnvp"
@@ -70,6 +74,8 @@ class FlowConfig:
     bottleneck_channels: int | None = None
     net: str | None = None  # default: resnet for realnvp, glow block for glow; or highway
     logit_alpha: float = 0.05
+    whiten: bool = False
+    flow_dims: int | None = None
 
     def __post_init__(self) -> None:
         # sizes first, before anything is allocated: an absurd config is refused in microseconds
@@ -94,8 +100,15 @@ class FlowConfig:
             self.net = "glow" if self.arch == "glow" else "resnet"
         if self.net not in NETS:
             raise ValueError(f"unknown net {self.net!r}; expected one of {NETS}")
+        if not isinstance(self.whiten, bool):
+            raise ValueError(f"whiten must be true or false, got {self.whiten!r}")
+        if self.arch != "realnvp_tabular" and (self.whiten or self.flow_dims is not None):
+            raise ValueError("whiten and flow_dims are options of the tabular flow (arch realnvp_tabular)")
         if self.arch == "realnvp_tabular":
             check_int("dim", self.dim, 2, 100_000)
+            check_int("flow_dims", self.flow_dims, 2, self.dim, optional=True)
+            if self.flow_dims is not None and not self.whiten:
+                raise ValueError("flow_dims needs whiten: the axes it keeps are the principal ones")
         else:
             shape = self.image_shape
             if not isinstance(shape, (list, tuple)) or len(shape) != 3:
@@ -122,7 +135,7 @@ class FlowConfig:
     def _weight_estimate(self) -> int:
         """Order-of-magnitude count of st-network weights, from the sizes alone (nothing is built)."""
         if self.arch == "realnvp_tabular":
-            return self.couplings * (2 * self.dim * self.hidden + self.blocks * self.hidden**2)
+            return self.couplings * (2 * (self.flow_dims or self.dim) * self.hidden + self.blocks * self.hidden**2)
         channels = self.image_shape[0] * 4**self.scales  # generous: the widest squeezed input
         if self.net == "glow":
             per_net = 9 * channels * self.hidden + self.hidden**2 + 18 * channels * self.hidden
@@ -161,8 +174,13 @@ def describe_architecture(model_cfg: dict[str, Any]) -> str:
     shape = "x".join(str(v) for v in model_cfg.get("image_shape") or [])
     hidden, blocks = model_cfg.get("hidden"), model_cfg.get("blocks")
     if arch == "realnvp_tabular":
-        return (f"tabular RealNVP, {model_cfg.get('couplings')} half-mask couplings, MLP st-nets of {blocks} x "
-                f"{hidden} units; input {model_cfg.get('dim')}-d vectors")
+        text = (f"tabular RealNVP, {model_cfg.get('couplings')} half-mask couplings, MLP st-nets of {blocks} x "
+                f"{hidden} units")
+        if model_cfg.get("whiten"):
+            kept = model_cfg.get("flow_dims")
+            text += (f" on the leading {kept} of the whitened (Ledoit-Wolf) principal axes, a Gaussian on the rest"
+                     if kept else " after whitening (Ledoit-Wolf principal axes)")
+        return f"{text}; input {model_cfg.get('dim')}-d vectors"
     if arch == "glow":
         text = f"Glow, {model_cfg.get('scales')} scales x {model_cfg.get('steps')} steps, st-net width {hidden}"
         if model_cfg.get("net") == "highway":

@@ -30,8 +30,10 @@ from .bijectors import (
     Chain,
     InvConv1x1,
     Logit,
+    OnLeading,
     Standardize,
     VectorCoupling,
+    Whiten,
     squeeze,
     unsqueeze,
 )
@@ -113,20 +115,35 @@ class ImageFlow(nn.Module):
 
 
 class TabularFlow(nn.Module):
-    """RealNVP for vectors: a fixed standardisation (set from the training data, stored with the weights, so
-    the density is of the raw features), then alternating half-mask couplings with MLP st-nets."""
+    """RealNVP for vectors: a fixed standardisation or whitening (set from the training data, stored with the
+    weights, so the density is of the raw features), then alternating half-mask couplings with MLP st-nets (on the
+    leading ``flow_dims`` principal axes only, when set)."""
 
     def __init__(self, config: FlowConfig) -> None:
         super().__init__()
         self.config = config
         dim = config.dim
-        couplings = [VectorCoupling(dim, i, MLP(dim, config.hidden, config.blocks)) for i in range(config.couplings)]
-        self.body = Chain([Standardize(dim), *couplings])
+        width = config.flow_dims or dim
+        couplings = [VectorCoupling(width, i, MLP(width, config.hidden, config.blocks))
+                     for i in range(config.couplings)]
+        first = Whiten(dim) if config.whiten else Standardize(dim)
+        if config.flow_dims is not None:
+            self.body = Chain([first, OnLeading(width, Chain(couplings))])
+        else:
+            self.body = Chain([first, *couplings])
 
     @property
-    def standardize(self) -> Standardize:
+    def standardize(self) -> Standardize | Whiten:
         """The first layer: call its ``fit`` with the training features before training."""
         return self.body.layers[0]
+
+    def gaussian_log_prob(self, x: Tensor) -> Tensor:
+        """log-density (nats) under the first layer alone: for a whitening flow the Ledoit-Wolf Gaussian of the
+        training features, the ``embedding_gaussian`` baseline the couplings must beat."""
+        if not self.config.whiten:
+            raise ValueError("this flow standardises each feature alone; it holds no Gaussian of its features")
+        z, log_det = self.body.layers[0](x)
+        return standard_normal_log_prob(z) + log_det
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.body(x)

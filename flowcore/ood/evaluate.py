@@ -19,12 +19,20 @@ import torch
 
 from ..data.datasets import DATASETS, DatasetNotFound, load_images, match_shape, set_label
 from ..flows.likelihood import nats_to_bpd
-from ..zoo.checkpoints import CheckpointError, atomic_write, load, read_config, resolve, write_json
+from ..zoo.checkpoints import (
+    HISTOGRAM,
+    REFERENCE,
+    CheckpointError,
+    atomic_write,
+    load,
+    read_config,
+    resolve,
+    write_json,
+)
 from .scores import SCORE_NAMES, auroc, complexity, compute_scores
 
 __all__ = ["evaluate", "refresh_complexity", "load_reference", "auroc_table", "default_ood_sets", "histogram_figure"]
 
-REFERENCE = "reference.npz"
 # A real reference is a few MB; a small file that would inflate past this is a zip bomb, not statistics.
 MAX_REFERENCE_BYTES = 256_000_000
 
@@ -190,7 +198,7 @@ def _store(
     atomic_write(folder / REFERENCE, lambda tmp: np.savez_compressed(tmp, **arrays), suffix=".npz")
     cfg["reference"] = summary
     write_json(folder / "config.json", cfg)
-    histogram_figure(reference, folder / "histogram.png", title=cfg.get("name", folder.name), dims=dims)
+    histogram_figure(reference, folder / HISTOGRAM, title=cfg.get("name", folder.name), dims=dims)
 
 
 def refresh_complexity(checkpoint: str | os.PathLike, data_dir: str | None = None) -> dict[str, Any]:

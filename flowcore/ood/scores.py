@@ -10,6 +10,11 @@
   model trained on in-distribution images with pixels replaced by uniform noise w.p. mu.
 - ``last_scale``: log N(z_S; 0, I) of the latents of the last (most global) scale alone
   (after Schirrmeister et al. 2020); ``scale_k`` gives every scale's prior term.
+- ``embedding_gaussian``: the baseline a flow on features must beat: the log-density of the features under the
+  Gaussian of the training features with Ledoit-Wolf shrinkage (a Mahalanobis distance, in nats); stored in the
+  feature flow as its whitening layer (:meth:`flowcore.flows.models.TabularFlow.gaussian_log_prob`).
+- ``embedding_knn``: the non-parametric baseline of Sun et al. (ICML 2022): minus the Euclidean distance of the
+  unit-length features to the k-th nearest unit-length training feature of a bank stored with the feature flow.
 - ``embedding_likelihood``: log-density of the image's ImageNet-classifier features under the flow on features
   trained on the same data (Sec. 8, :func:`flowcore.zoo.checkpoints.paired_feature_flow`), the paper's positive
   result. The image is the one the pixel flow sees (inverted too where ``--invert auto`` inverted it); its
@@ -40,6 +45,9 @@ __all__ = [
     "typicality_batch_test",
     "result_rows",
     "with_embedding_reference",
+    "EMBEDDING_SCORES",
+    "normalise",
+    "knn_score",
     "CSV_FIELDS",
 ]
 
@@ -51,7 +59,10 @@ SCORE_DESCRIPTIONS = {
     "likelihood_ratio": "log P_model(x) - log P_background(x)",
     "last_scale": "log-density of the last scale's latents alone",
     "embedding_likelihood": "log-density of the image's classifier features under the paired flow on features",
+    "embedding_gaussian": "log-density of the image's features under a Ledoit-Wolf Gaussian of the training features",
+    "embedding_knn": "minus the distance of the unit-length features to their k-th nearest training feature",
 }
+EMBEDDING_SCORES = ("embedding_likelihood", "embedding_gaussian", "embedding_knn")
 SCORE_NAMES = tuple(SCORE_DESCRIPTIONS)
 
 
@@ -98,13 +109,14 @@ def compute_scores(
     device: str = "cpu",
     progress=None,
     *,
-    feature_flow: nn.Module | None = None,
+    feature_flow=None,
 ) -> dict[str, np.ndarray]:
     """Every available score for a batch of uint8 images, plus ``bpd`` and per-scale terms.
 
     ``reference`` (a checkpoint's reference statistics) provides ``H`` for typicality; without it or
-    without a ``background`` model those scores are left out; ``feature_flow`` (the paired flow on features)
-    adds ``embedding_likelihood``, each image embedded alone. Each row is a function of its image alone
+    without a ``background`` model those scores are left out; ``feature_flow`` (the paired flow on features, a
+    :class:`flowcore.ood.vectors.FeatureScorer`) adds ``embedding_likelihood`` and the baselines stored with it
+    (``embedding_gaussian``, ``embedding_knn``), each image embedded alone. Each row is a function of its image alone
     (dequantization noise is keyed by the image's pixels: see ``log_likelihood_terms``).
     """
     x = as_image_tensor(images)
@@ -127,21 +139,44 @@ def compute_scores(
         out["background_likelihood"] = bg
         out["likelihood_ratio"] = ll - bg
     if feature_flow is not None:
-        from .vectors import image_log_likelihood  # the optional extractor is imported only when asked for
+        from .vectors import FeatureScorer  # the optional extractor is imported only when asked for
 
-        out["embedding_likelihood"] = image_log_likelihood(feature_flow, np.asarray(images))
+        scorer = feature_flow if isinstance(feature_flow, FeatureScorer) else FeatureScorer(feature_flow)
+        for key, values in scorer.score_images(np.asarray(images)).items():
+            out["embedding_likelihood" if key == "likelihood" else key] = values
     return out
 
 
 def with_embedding_reference(
     reference: dict[str, np.ndarray], feature_reference: dict[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """A pixel flow's reference plus its paired feature flow's likelihoods as ``{set}__embedding_likelihood``:
+    """A pixel flow's reference plus its paired feature flow's likelihoods as ``{set}__embedding_likelihood`` (and
+    its baselines' ``{set}__embedding_gaussian``, ``{set}__embedding_knn`` as they are):
     percentiles, thresholds and AUROCs of ``embedding_likelihood`` are read against the feature flow's own
     reference images (its sets are those it was evaluated on)."""
     extra = {k[: -len("likelihood")] + "embedding_likelihood": v
              for k, v in feature_reference.items() if k.endswith("__likelihood")}
+    extra.update({k: v for k, v in feature_reference.items() if k.split("__")[-1] in EMBEDDING_SCORES[1:]})
     return {**reference, **extra}
+
+
+def normalise(features: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit Euclidean length (float64); an all-zero row stays zero."""
+    x = np.asarray(features, dtype=np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+def knn_score(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
+    """``-||f/|f| - b_(k)||``: minus the distance of each unit-length feature to its ``k``-th nearest row of
+    ``bank`` (unit-length training features), Sun et al.'s k-NN OOD score (higher = more in-distribution)."""
+    bank = np.asarray(bank, dtype=np.float64)
+    if not 1 <= k <= len(bank):
+        raise ValueError(f"k must be in 1..{len(bank)} (the bank's size), got {k}")
+    f = normalise(features)
+    sq = (f**2).sum(1)[:, None] - 2 * f @ bank.T + (bank**2).sum(1)[None, :]
+    kth = np.partition(sq, k - 1, axis=1)[:, k - 1]
+    return -np.sqrt(np.maximum(kth, 0.0))
 
 
 def auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .scores import CSV_FIELDS, SCORE_NAMES, compute_scores, result_rows, with_embedding_reference
+from .scores import CSV_FIELDS, EMBEDDING_SCORES, SCORE_NAMES, compute_scores, result_rows, with_embedding_reference
 
 __all__ = ["score_files", "write_rows"]
 
@@ -38,6 +38,7 @@ def score_files(
     from ..training import distributed as dist
     from ..zoo.checkpoints import load, paired_feature_flow, read_config
     from .evaluate import load_reference
+    from .vectors import load_feature_scorer
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a whole number >= 1, got {batch_size!r}")
@@ -53,13 +54,18 @@ def score_files(
             raise ValueError(f"{checkpoint} has no background model, so no likelihood_ratio score")
         background = load(cfg["background"], device=device)
     feature_flow = None
-    if score == "embedding_likelihood" and not cfg.get("features"):
+    if score in EMBEDDING_SCORES and not cfg.get("features"):
         pair = paired_feature_flow(checkpoint)
         if pair is None:
             raise ValueError(f"{checkpoint} has no paired flow on image features (one trained on "
-                             f"{cfg.get('dataset')} at its input size), so no embedding_likelihood score")
-        feature_flow = load(pair, device=device)
+                             f"{cfg.get('dataset')} at its input size), so no {score} score")
+        feature_flow = load_feature_scorer(pair, device=device)
+        _check_feature_score(feature_flow, score, pair)
         reference = with_embedding_reference(reference, load_reference(pair))
+    scorer = None
+    if cfg.get("features") and cfg.get("features") != "tabular":
+        scorer = load_feature_scorer(checkpoint, device=device)
+        _check_feature_score(scorer, "embedding_likelihood" if score == "likelihood" else score, checkpoint)
     ref_key = f"test__{score}"
     if ref_key not in reference:
         raise ValueError(
@@ -76,10 +82,8 @@ def score_files(
     if cfg.get("features") == "tabular":
         raise ValueError(f"{checkpoint} is a flow on the rows of a tabular set, not on images: score rows with "
                          "flowcore.load(NAME).log_prob(rows)")
-    if cfg.get("features"):
-        if score != "likelihood":
-            raise ValueError(f"{checkpoint} is a flow on image features: its only score is likelihood")
-        return _score_feature_files(model, cfg.get("input_shape"), files, problems, reference, fpr, progress)
+    if scorer is not None:
+        return _score_feature_files(scorer, score, cfg.get("input_shape"), files, problems, reference, fpr, progress)
     good, arrays, failures = [], [], list(problems)
     for f in files:
         try:
@@ -111,17 +115,26 @@ def score_files(
     return rows, failures
 
 
+def _check_feature_score(scorer, score: str, name) -> None:
+    """Refuse a feature score the feature flow ``name`` cannot give, with the reason."""
+    if score not in EMBEDDING_SCORES:
+        raise ValueError(f"{name} is a flow on image features: its scores are likelihood, "
+                         f"{', '.join(EMBEDDING_SCORES[1:])}")
+    if score != "embedding_likelihood" and score not in scorer.names:
+        raise ValueError(f"the flow on features {name} stores no {score} baseline (trained before baselines "
+                         "were stored with it): retrain it")
+
+
 def _score_feature_files(
-    model, shape, files, problems, reference, fpr, progress
+    scorer, score, shape, files, problems, reference, fpr, progress
 ) -> tuple[list[dict], list[tuple[str, str]]]:
     """``score_files`` for a flow on image features (Sec. 8): each file is brought to the size of the training
     images (``shape``, centre crop, never inverted; a checkpoint without it: decoded in colour at its own size),
-    embedded alone (so its score never depends on the other files) and scored by the feature flow."""
+    embedded alone (so its score never depends on the other files) and scored by the feature flow or one of the
+    baselines stored with it."""
     from tqdm.auto import tqdm
 
-    from ..data.embeddings import extract
     from ..data.images import ImageError, decode_image, display_path, load_image_file
-    from .vectors import log_likelihood
 
     rows: list[dict] = []
     failures = list(problems)
@@ -134,8 +147,7 @@ def _score_feature_files(
         except (ImageError, OSError) as e:
             failures.append((display_path(f), str(e)))
             continue
-        ll = log_likelihood(model, extract(rgb[None]))
-        rows += result_rows([display_path(f)], {"likelihood": ll}, "likelihood", reference, fpr)
+        rows += result_rows([display_path(f)], scorer.score_images(rgb[None]), score, reference, fpr)
     return [r for r in rows if "error" not in r], failures + [(r["path"], r["error"]) for r in rows if "error" in r]
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ from ..data import embeddings
 from ..data.datasets import DatasetNotFound, load_images, set_label
 from ..flows.models import build
 from ..training.train import TABULAR, RunLog, TrainConfig, drop_derived_files, export_folder, lr_at, optimizer_for
-from ..zoo.checkpoints import atomic_write, cache_dir, save
+from ..zoo.checkpoints import KNN, PROJECTION, atomic_write, cache_dir, save
+from .scores import knn_score, normalise
 
 __all__ = [
     "cache_dir", "dataset_features", "train_vectors", "log_likelihood", "image_log_likelihood", "input_shape",
-    "feature_projection", "project", "PROJECTION",
+    "feature_projection", "project", "PROJECTION", "FeatureScorer", "load_feature_scorer", "gaussian_log_likelihood",
+    "KNN", "knn_bank", "write_knn_bank",
 ]
 
 
@@ -77,16 +80,87 @@ def dataset_features(
     return features
 
 
-@torch.no_grad()
-def log_likelihood(model: torch.nn.Module, features: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Log-density in nats (float64) of each feature vector under a vector flow."""
+def _checked_vectors(model: torch.nn.Module, features: np.ndarray) -> torch.Tensor:
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
     if x.ndim != 2 or x.shape[1] != model.config.dim:
         raise ValueError(f"expected features of shape (N, {model.config.dim}), got {tuple(x.shape)}")
     if len(x) == 0:
         raise ValueError("empty batch: no features to score")
-    parts = [model.log_prob(x[i : i + batch_size]).double().numpy() for i in range(0, len(x), batch_size)]
+    return x
+
+
+@torch.no_grad()
+def log_likelihood(model: torch.nn.Module, features: np.ndarray, batch_size: int = 1024,
+                   device: str = "cpu") -> np.ndarray:
+    """Log-density in nats (float64) of each feature vector under a vector flow."""
+    x = _checked_vectors(model, features)
+    parts = [model.log_prob(x[i : i + batch_size].to(device)).double().cpu().numpy()
+             for i in range(0, len(x), batch_size)]
     return np.concatenate(parts)
+
+
+@torch.no_grad()
+def gaussian_log_likelihood(model: torch.nn.Module, features: np.ndarray) -> np.ndarray:
+    """Log-density in nats (float64) of each feature vector under the Ledoit-Wolf Gaussian of a whitening vector
+    flow's training features (its first layer alone): the ``embedding_gaussian`` baseline."""
+    return model.gaussian_log_prob(_checked_vectors(model, features)).double().numpy()
+
+
+@dataclass
+class FeatureScorer:
+    """A flow on image features with the baselines stored beside it: ``score`` gives ``likelihood`` (the flow),
+    ``embedding_gaussian`` (its whitening layer's Gaussian, for whitening flows) and ``embedding_knn`` (when the
+    checkpoint holds a bank of training features)."""
+
+    flow: torch.nn.Module
+    knn_bank: np.ndarray | None = None
+    knn_k: int | None = None
+
+    @property
+    def names(self) -> list[str]:
+        """The keys of :meth:`score`."""
+        return ["likelihood"] + ["embedding_gaussian"] * bool(self.flow.config.whiten) + \
+            ["embedding_knn"] * (self.knn_bank is not None)
+
+    def score(self, features: np.ndarray) -> dict[str, np.ndarray]:
+        out = {"likelihood": log_likelihood(self.flow, features)}
+        if self.flow.config.whiten:
+            out["embedding_gaussian"] = gaussian_log_likelihood(self.flow, features)
+        if self.knn_bank is not None:
+            out["embedding_knn"] = knn_score(features, self.knn_bank, self.knn_k)
+        return out
+
+    def score_images(self, images_uint8: np.ndarray) -> dict[str, np.ndarray]:
+        """:meth:`score` of each uint8 image's features, each image embedded and scored alone (float32 rounds
+        differently with the batch: a score must never depend on the images beside it)."""
+        x = np.asarray(images_uint8)
+        if len(x) == 0:
+            raise ValueError("empty batch: no images to score")
+        rows = [self.score(embeddings.extract(x[i : i + 1])) for i in range(len(x))]
+        return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def load_feature_scorer(name_or_path: str | os.PathLike, device: str = "cpu") -> FeatureScorer:
+    """A feature flow checkpoint with its stored baselines (:class:`FeatureScorer`)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    from ..zoo.checkpoints import CheckpointError, load, read_config, resolve
+
+    folder = resolve(name_or_path)
+    flow = load(folder, device=device)
+    knn = read_config(folder).get("knn")
+    if not (folder / KNN).is_file() or not isinstance(knn, dict):
+        return FeatureScorer(flow)
+    try:
+        bank = load_file(str(folder / KNN))["bank"]
+    except (OSError, KeyError, SafetensorError) as e:
+        raise CheckpointError(f"{folder / KNN}: unreadable k-NN bank ({e})") from None
+    k = knn.get("k")
+    if bank.ndim != 2 or bank.shape[1] != flow.config.dim or not isinstance(k, int) or not 1 <= k <= len(bank) \
+            or not np.isfinite(bank).all():
+        raise CheckpointError(f"{folder}: its k-NN bank {bank.shape} or k={k!r} does not fit the model")
+    return FeatureScorer(flow, bank, k)
 
 
 def image_log_likelihood(model: torch.nn.Module, images_uint8: np.ndarray) -> np.ndarray:
@@ -106,6 +180,30 @@ def input_shape(dataset: str, data_dir: str | None = None) -> list[int]:
     return [3, *x.shape[1:3]] if x.ndim == 4 else [1, *x.shape[1:3]]
 
 
+KNN_BANK = 2500  # features in the bank (float16: 6.4 MB at 1280 dimensions)
+
+
+def knn_neighbours(bank_size: int) -> int:
+    """k of the k-NN baseline: one per 1,000 bank features (Sun et al. 2022 use k = 50 with the 50,000 CIFAR-10
+    training features and scale k with the fraction of the training set kept)."""
+    return max(1, math.ceil(bank_size / 1000))
+
+
+def knn_bank(train_features: np.ndarray, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+    """The k-NN baseline's bank: :data:`KNN_BANK` training features drawn with ``seed``, unit length, float16; and
+    its description for ``config.json`` (``knn``: k, bank size, metric)."""
+    rows = np.random.default_rng(seed + 104729).permutation(len(train_features))[:KNN_BANK]
+    bank = normalise(np.asarray(train_features)[rows]).astype(np.float16)
+    return bank, {"k": knn_neighbours(len(bank)), "bank": len(bank), "metric": "euclidean, unit-length features"}
+
+
+def write_knn_bank(folder: str | os.PathLike, bank: np.ndarray) -> None:
+    """Store a bank of :func:`knn_bank` in a checkpoint folder (atomically)."""
+    from safetensors.numpy import save_file
+
+    atomic_write(Path(folder) / KNN, lambda tmp: save_file({"bank": bank}, str(tmp)), suffix=".safetensors")
+
+
 def train_vectors(
     cfg: TrainConfig,
     run_dir: str | os.PathLike | None = None,
@@ -113,55 +211,105 @@ def train_vectors(
     export_dir: str | os.PathLike | None = None,
     replace: bool = False,
     progress: bool = True,
+    max_minutes: float | None = None,
+    max_steps: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """Train a vector flow on ``cfg.dataset``'s features (a few minutes on a CPU: not resumable); export it."""
+    """Train a vector flow on ``cfg.dataset``'s features or rows (minutes on a CPU) and export it.
+
+    With ``validation_fraction`` a seeded share of the training vectors is held out: every epoch logs the train,
+    validation and test log-likelihoods, the exported weights are the best epoch's on validation, and
+    ``patience`` epochs without a better one end the run. ``max_minutes`` (else the config's; CPU minutes of
+    this process) and ``max_steps`` end it too, and the best epoch so far is exported (a run this short is
+    re-run, not resumed). A flow on image features also stores a bank of its training features for the
+    ``embedding_knn`` baseline (:data:`KNN`)."""
+    import copy
+
+    from ..training.distributed import resolve_device
+
     if not cfg.features:
         raise ValueError("train_vectors needs a config with features")
+    device = resolve_device(device)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    budget = max_minutes if max_minutes is not None else cfg.max_minutes
     log = RunLog(run_dir / "log.jsonl")
     log(event="start", config=cfg.to_dict(), torch=torch.__version__)
     kind = cfg.features
-    x_train = torch.from_numpy(dataset_vectors(kind, cfg.dataset, "train", data_dir, cfg.train_subset, progress))
+    x_all = torch.from_numpy(dataset_vectors(kind, cfg.dataset, "train", data_dir, cfg.train_subset, progress))
     x_test = torch.from_numpy(dataset_vectors(kind, cfg.dataset, "test", data_dir, cfg.test_subset, progress))
-    if x_train.shape[1] != cfg.model.dim:
-        raise ValueError(f"{cfg.dataset} has {x_train.shape[1]} columns; the model's dim is {cfg.model.dim}")
+    if x_all.shape[1] != cfg.model.dim:
+        raise ValueError(f"{cfg.dataset} has {x_all.shape[1]} columns; the model's dim is {cfg.model.dim}")
+    held = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(cfg.seed + 7919))
+    n_val = round(cfg.validation_fraction * len(x_all))
+    if cfg.validation_fraction and not 0 < n_val < len(x_all):
+        raise ValueError(f"validation_fraction {cfg.validation_fraction} of {len(x_all)} vectors leaves no "
+                         "validation or no training set")
+    x_val, x_train = x_all[held[:n_val]], x_all[held[n_val:]] if n_val else x_all
     torch.manual_seed(cfg.seed)
     model = build(cfg.model)
-    model.standardize.fit(x_train)
+    shrinkage = model.standardize.fit(x_train)
+    model.to(device)
     opt = optimizer_for(cfg, model.parameters())
     steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     dim = cfg.model.dim
-    start, skipped, step = time.process_time(), 0, 0
+
+    def nll(x: torch.Tensor) -> float:
+        return float(-np.mean(log_likelihood(model, x.numpy(), device=device)) / dim)
+
+    start, skipped, step, stopped_by = time.process_time(), 0, 0, "epochs"
+    curve: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": 0, "state": copy.deepcopy(model.state_dict()), "val": math.inf}
     for epoch in range(cfg.epochs):
         perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
         model.train()
+        losses = []
         for i in range(steps_per_epoch):
             for group in opt.param_groups:
                 group["lr"] = lr_at(cfg, step, total)
-            batch = x_train[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]]
+            batch = x_train[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(device)
             loss = -model.log_prob(batch).mean() / dim  # nats per feature
             opt.zero_grad(set_to_none=True)
+            step += 1
             if not torch.isfinite(loss):
                 skipped += 1
-                step += 1
                 continue
             loss.backward()
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
-            if step % cfg.log_every == 0:
-                log(event="train", step=step, nll_per_dim=round(float(loss.detach()), 5), lr=opt.param_groups[0]["lr"])
-            step += 1
+            losses.append(float(loss.detach()))
+            if (step - 1) % cfg.log_every == 0:
+                log(event="train", step=step - 1, nll_per_dim=round(losses[-1], 5), lr=opt.param_groups[0]["lr"])
+            if max_steps is not None and step >= max_steps:
+                stopped_by = "max_steps"
+                break
+            if budget is not None and time.process_time() - start > 60 * budget:
+                stopped_by = "max_minutes"
+                break
         model.eval()
-        test_nll = float(-np.mean(log_likelihood(model, x_test.numpy())) / dim)
-        log(event="epoch", epoch=epoch + 1, test_nll_per_dim=round(test_nll, 5))
+        point = {"epoch": epoch + 1, "train_nll_per_dim": round(float(np.mean(losses)), 5) if losses else math.nan,
+                 "test_nll_per_dim": round(nll(x_test), 5)}
+        if n_val:
+            point["validation_nll_per_dim"] = round(nll(x_val), 5)
+        curve.append(point)
+        log(event="epoch", **point)
         if progress:
-            print(f"epoch {epoch + 1}: test nll {test_nll:.4f} nats/feature")
+            print("epoch " + ", ".join(f"{k} {v}" for k, v in point.items() if k != "epoch") + f" ({epoch + 1})")
+        score = point.get("validation_nll_per_dim", point["test_nll_per_dim"]) if n_val else -math.inf
+        if not n_val or score < best["val"]:  # without a validation set the last epoch is the model
+            best = {"epoch": epoch + 1, "state": copy.deepcopy(model.state_dict()), "val": score}
+        elif cfg.patience and epoch + 1 - best["epoch"] >= cfg.patience:
+            stopped_by = "patience"
+        if stopped_by != "epochs":
+            break
+    model.load_state_dict(best["state"])
+    model.eval()
+    test_nll = nll(x_test)
     minutes = (time.process_time() - start) / 60
     training = {
         "dataset": cfg.dataset,
@@ -170,23 +318,34 @@ def train_vectors(
         "optimizer": cfg.optimizer,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
-        "epochs_completed": cfg.epochs,
+        "epochs_completed": len(curve),
         "images_seen": step * cfg.batch_size,
         "cpu_minutes": round(minutes, 1),  # process CPU time of the flow's training (features cached apart)
         "clock": "process",
         "threads": torch.get_num_threads(),
-        "stopped_by": "epochs",
+        "stopped_by": stopped_by,
         "skipped_steps": skipped,
         "torch": torch.__version__,
-        "device": "cpu",
+        "device": device,
         "world_size": 1,
+        "curve": curve,
     }
+    if n_val:
+        training["validation"] = {"fraction": cfg.validation_fraction, "vectors": n_val,
+                                  "selected_epoch": best["epoch"], "patience": cfg.patience}
+    if cfg.model.whiten:
+        training["ledoit_wolf_shrinkage"] = round(float(shrinkage), 6)
+    bank, knn = knn_bank(x_train.numpy(), cfg.seed) if kind != TABULAR else (None, None)
     drop_derived_files(out)
-    save(model, out, name=cfg.name, dataset=cfg.dataset, features=cfg.features, ood=cfg.ood, training=training,
-         input_shape=None if cfg.features == TABULAR else input_shape(cfg.dataset, data_dir),
-         train_config=cfg.to_dict(), metrics={"test_nll_per_dim": round(test_nll, 5), "test_subset": len(x_test)})
-    log(event="export", path=str(out), test_nll_per_dim=test_nll)
-    return {"stopped_by": "epochs", "test_nll_per_dim": test_nll, "export": str(out), "epoch": cfg.epochs}
+    save(model.cpu(), out, name=cfg.name, dataset=cfg.dataset, features=cfg.features, ood=cfg.ood,
+         training=training, input_shape=None if kind == TABULAR else input_shape(cfg.dataset, data_dir),
+         train_config=cfg.to_dict(), metrics={"test_nll_per_dim": round(test_nll, 5), "test_subset": len(x_test)},
+         **({"knn": knn} if knn else {}))
+    if knn:
+        write_knn_bank(out, bank)
+    log(event="export", path=str(out), test_nll_per_dim=test_nll, selected_epoch=best["epoch"])
+    return {"stopped_by": stopped_by, "test_nll_per_dim": test_nll, "export": str(out), "epoch": len(curve),
+            "selected_epoch": best["epoch"]}
 
 
 def evaluate_vectors(
@@ -195,9 +354,8 @@ def evaluate_vectors(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Reference log-likelihoods (nats) of the train subset, test set and OOD sets' features, and the summary
     fields that differ from images (no bits/dim: the mean and median negative log-likelihood per feature)."""
-    from ..zoo.checkpoints import load
-
-    model = load(folder)
+    scorer = load_feature_scorer(folder)
+    model = scorer.flow
     dataset = cfg["dataset"]
     kind = cfg["features"]
     wanted = ood if ood is not None else [s for s in cfg.get("ood") or [] if s != dataset]
@@ -212,7 +370,7 @@ def evaluate_vectors(
             sets[label] = dataset_vectors(kind, name, "test", data_dir, ood_subset, progress)
         except DatasetNotFound as e:
             skipped[label] = str(e)
-    reference = {f"{name}__likelihood": log_likelihood(model, x) for name, x in sets.items()}
+    reference = {f"{name}__{score}": values for name, x in sets.items() for score, values in scorer.score(x).items()}
     projection = feature_projection(sets)
     nll = -reference["test__likelihood"] / model.config.dim
     summary = {
@@ -227,7 +385,6 @@ def evaluate_vectors(
     return reference, summary
 
 
-PROJECTION = "projection.npz"  # a feature flow's 2-D PCA view of its reference sets (for the dashboard)
 PROJECTION_POINTS = 500  # per set
 
 

@@ -40,7 +40,17 @@ from ..flows.config import FlowConfig, check_int, check_number
 from ..flows.likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
 from ..flows.models import build, log_prob_running_stats
 from ..flows.precision import PRECISIONS, set_st_precision, st_precision
-from ..zoo.checkpoints import CONFIG, WEIGHTS, CheckpointError, atomic_write, load, read_config, save, write_json
+from ..zoo.checkpoints import (
+    CONFIG,
+    DERIVED_FILES,
+    WEIGHTS,
+    CheckpointError,
+    atomic_write,
+    load,
+    read_config,
+    save,
+    write_json,
+)
 from . import distributed as dist
 
 TABULAR = "tabular"  # TrainConfig.features of a flow on the rows of a tabular set
@@ -102,6 +112,11 @@ class TrainConfig:
     # machine's AVX-512 BF16 CPU, benchmarks/throughput.py --variants); everything bijective, the master weights,
     # the optimizer state and every evaluation stay float32 (flowcore.flows.precision)
     precision: str = "fp32"
+    # flows on vectors: this fraction of the training vectors (a seeded draw) is held out as a validation set; the
+    # exported model is the epoch with the best validation log-likelihood, and training stops after ``patience``
+    # epochs without a better one (None: runs every epoch)
+    validation_fraction: float = 0.0
+    patience: int | None = None
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -162,6 +177,12 @@ class TrainConfig:
         if self.compile and self.negative is not None:
             raise ValueError("compile does not cover negative training (two batches a step); drop one of them")
         check_int("log_every", self.log_every, 1)
+        check_number("validation_fraction", self.validation_fraction, 0.0, 0.5)
+        check_int("patience", self.patience, 1, optional=True)
+        if (self.validation_fraction or self.patience) and not self.features:
+            raise ValueError("validation_fraction and patience are for flows on vectors (features set)")
+        if self.patience and not self.validation_fraction:
+            raise ValueError("patience needs a validation set: set validation_fraction")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; expected one of {sorted(PRECISIONS)}")
         if self.features == TABULAR:
@@ -312,7 +333,7 @@ def export_folder(run_dir: Path, export_dir: str | os.PathLike | None, replace: 
 def drop_derived_files(folder: Path) -> None:
     """Before new weights land in ``folder``: remove what was computed from the old ones (reference
     statistics, histogram, model card, and the ``reference`` summary and ``data_note`` in ``config.json``)."""
-    for derived in ("reference.npz", "histogram.png", "README.md", "projection.npz"):
+    for derived in DERIVED_FILES:
         (folder / derived).unlink(missing_ok=True)
     cfg_path = folder / CONFIG
     if cfg_path.is_file():

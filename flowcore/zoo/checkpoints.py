@@ -34,10 +34,21 @@ __all__ = [
     "list_checkpoints",
     "paired_feature_flow",
     "read_config",
+    "FOLDER_FILES",
+    "DERIVED_FILES",
 ]
 
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
+# The one description of a checkpoint folder: the files it may hold, and those computed from its weights.
+WEIGHTS = "model.safetensors"  # the weights (and buffers) of the flow
+CONFIG = "config.json"  # architecture, training record, reference summary
+REFERENCE = "reference.npz"  # per-image scores of the reference sets (flowcore evaluate)
+CARD = "README.md"  # the model card
+HISTOGRAM = "histogram.png"  # test vs OOD log-likelihoods
+PROJECTION = "projection.npz"  # a feature flow's 2-D PCA view of its reference sets (for the dashboard)
+KNN = "knn.safetensors"  # a feature flow's bank of unit-length training features (the embedding_knn baseline)
+FOLDER_FILES = (WEIGHTS, CONFIG, REFERENCE, CARD, HISTOGRAM, PROJECTION, KNN)
+# what new weights make stale (KNN too: it is written with the weights of a feature flow, from its training data)
+DERIVED_FILES = (REFERENCE, HISTOGRAM, CARD, PROJECTION, KNN)
 
 
 class CheckpointError(Exception):

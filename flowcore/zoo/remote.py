@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from ..data.download import DownloadError, RemoteFile, fetch, sha256_of
-from .checkpoints import BUNDLED, CheckpointError, cache_dir, checkpoint_roots, list_checkpoints, resolve
+from .checkpoints import BUNDLED, FOLDER_FILES, CheckpointError, cache_dir, checkpoint_roots, list_checkpoints, resolve
 
 __all__ = ["MANIFEST", "ZOO_URL_ENV", "manifest", "make_manifest", "zoo_rows", "fetch_checkpoint"]
 
 MANIFEST = BUNDLED / "manifest.json"
 ZOO_URL_ENV = "FLOWCORE_ZOO_URL"
 # the files of a checkpoint folder that travel (the model card and histogram are derived but useful offline)
-FILES = ("model.safetensors", "config.json", "reference.npz", "README.md", "histogram.png", "projection.npz")
+FILES = FOLDER_FILES
 
 
 def manifest(path: Path | None = None) -> dict[str, dict[str, dict[str, Any]]]:
