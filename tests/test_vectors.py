@@ -273,12 +273,13 @@ def test_a_whitening_flow_trains_against_validation_and_stores_its_baselines(fak
     training = cfg["training"]
     curve = training["curve"]
     val = [p["validation_nll_per_dim"] for p in curve]
-    assert training["validation"]["selected_epoch"] == 1 + int(np.argmin(val))
+    assert training["validation"]["selected_epoch"] == curve[int(np.argmin(val))]["epoch"]
+    assert curve[0]["epoch"] == 0 and len(curve) == training["epochs_completed"] + 1  # epoch 0: the Gaussian
     assert training["validation"]["vectors"] == 60 and training["train_images"] == 180
     if training["stopped_by"] == "patience":
-        assert len(curve) - training["validation"]["selected_epoch"] == 2
+        assert curve[-1]["epoch"] - training["validation"]["selected_epoch"] == 2
     # the exported weights are the selected epoch's: its test NLL is the card's metric
-    best = curve[training["validation"]["selected_epoch"] - 1]
+    best = curve[training["validation"]["selected_epoch"]]
     assert cfg["metrics"]["test_nll_per_dim"] == pytest.approx(best["test_nll_per_dim"], abs=1e-5)
     assert cfg["knn"] == {"k": 1, "bank": 180, "metric": "euclidean, unit-length features"}
 
