@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DEVICE_HELP = "cpu, cuda or cuda:N (default cpu); under torchrun, cuda means cuda:$LOCAL_RANK"
@@ -27,6 +28,16 @@ def _is_main() -> bool:
 def _cmd_train(args: argparse.Namespace) -> int:
     from .training.train import load_train_config, train
 
+    if args.images is not None:
+        return _train_on_images(args)
+    if args.config is None:
+        raise ValueError("give a config file (flowcore train CONFIG) or a folder of your images "
+                         "(flowcore train --images DIR --name NAME)")
+    own_only = [flag for flag, value in (("--name", args.name), ("--ood-images", args.ood_images),
+                                         ("--preset", args.preset), ("--size", args.size), ("--color", args.color))
+                if value not in (None, False, [])]
+    if own_only:
+        raise ValueError(f"{', '.join(own_only)} only apply with --images DIR")
     cfg = load_train_config(args.config)
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)  # validated like the file's own value
@@ -64,6 +75,30 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     else:
         print(f"done: {summary['stopped_by']}, test bpd {summary['test_bpd']:.4f}, exported to {summary['export']}")
+    return 0
+
+
+def _train_on_images(args: argparse.Namespace) -> int:
+    """``flowcore train --images DIR --name NAME``: a flow on the user's own images (flowcore.ood.own_data)."""
+    import json
+
+    from .ood.own_data import train_on_images
+
+    if args.config is not None:
+        raise ValueError("give either a config file or --images DIR, not both")
+    if not args.name:
+        raise ValueError("--images needs --name NAME: the name your model gets in your zoo")
+    config_only = [flag for flag, value in (("--resume", args.resume), ("--run-dir", args.run_dir),
+                                            ("--export", args.export), ("--epochs", args.epochs),
+                                            ("--max-steps", args.max_steps)) if value not in (None, False)]
+    if config_only:
+        raise ValueError(f"{', '.join(config_only)} only apply with a config file, not with --images")
+    if args.device != "cpu":
+        raise ValueError("--images trains on the CPU; leave out --device")
+    summary = train_on_images(args.images, args.name, args.ood_images or [], preset=args.preset or "quick",
+                              size=args.size or 28, gray=not args.color, replace=args.replace,
+                              progress=not args.no_progress, max_minutes=args.max_minutes)
+    print(json.dumps(summary, indent=1))
     return 0
 
 
@@ -194,9 +229,66 @@ def dashboard_home() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "Home.py"
 
 
+APP_STOP_GRACE = 15.0  # seconds the dashboard gets to stop after a forwarded signal, before it is killed
+
+
+def _death_signal() -> Callable[[], None] | None:
+    """For the child, to run before exec (Linux): have the kernel SIGTERM it when this process dies, even by
+    SIGKILL, which no handler of ours can forward. Looked up here, in the parent: the child between fork and exec
+    should import nothing."""
+    if sys.platform != "linux":
+        return None
+    import ctypes
+    import signal
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return lambda: prctl(1, int(signal.SIGTERM))  # 1: PR_SET_PDEATHSIG
+
+
+def _run_child(cmd: list[str], env: dict[str, str]) -> int:
+    """Run ``cmd`` as a child that lives and dies with this process: SIGTERM, SIGINT and SIGHUP sent to us (a
+    ``docker stop``, a ``kill``, a service manager) are forwarded to it and we wait for it to end, so it never
+    outlives us holding its port. A child that ignores them is killed after :data:`APP_STOP_GRACE` seconds.
+    Returns its exit code (128 + N for a child ended by signal N, as a shell reports it)."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    child = subprocess.Popen(cmd, env=env, preexec_fn=_death_signal())
+    asked: list[float] = []  # when a stop was forwarded
+
+    def forward(signum: int, frame: object) -> None:
+        if child.poll() is None:
+            child.send_signal(signum)
+        asked.append(time.monotonic())
+
+    wanted = [getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, n)]
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        wanted = []
+    previous = {sig: signal.signal(sig, forward) for sig in wanted}
+    try:
+        while True:
+            try:
+                code = child.wait(timeout=0.5)  # short waits: the grace period is checked between them
+                break
+            except subprocess.TimeoutExpired:
+                if asked and time.monotonic() - asked[0] > APP_STOP_GRACE:
+                    child.kill()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if child.poll() is None:  # leaving by an exception of our own: the child goes too
+            child.kill()
+            child.wait()
+    return 128 - code if code < 0 else code
+
+
 def _cmd_app(args: argparse.Namespace) -> int:
     import os
-    import subprocess
 
     home = dashboard_home()
     if home is None or not home.is_file():
@@ -221,7 +313,7 @@ def _cmd_app(args: argparse.Namespace) -> int:
         "--client.toolbarMode",
         "minimal",  # no Deploy button or developer menu for the dashboard's users
     ]
-    return subprocess.call(cmd, env=env)
+    return _run_child(cmd, env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,8 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the full traceback of an error instead of one line (or set FLOWCORE_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train a model from a config (JSON or TOML)")
-    t.add_argument("config")
+    t = sub.add_parser("train", help="train a model from a config (JSON or TOML) or on a folder of your images")
+    t.add_argument("config", nargs="?", default=None, help="config file (leave out with --images)")
+    t.add_argument("--images", default=None, metavar="DIR",
+                   help="train on your own images: every image below DIR (subfolders too); a tenth is held out")
+    t.add_argument("--name", default=None, help="with --images: the model's name in your zoo")
+    t.add_argument("--ood-images", nargs="*", default=None, metavar="DIR",
+                   help="with --images: folders of images the model should call OOD (measured as AUROCs)")
+    t.add_argument("--preset", default=None, choices=["quick", "standard"],
+                   help="with --images: quick (about 5 CPU-minutes) or standard (about 50)")
+    t.add_argument("--size", type=int, default=None, choices=[28, 32], help="with --images: side in pixels (28)")
+    t.add_argument("--color", action="store_true", help="with --images: keep RGB (default grayscale)")
     t.add_argument("--run-dir", default=None, help="run folder (default runs/NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in the run folder")
     t.add_argument("--data-dir", default=None, help="dataset root (default $FLOWCORE_DATA_DIR)")

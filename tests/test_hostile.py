@@ -1,10 +1,18 @@
-"""Issue 16: hostile inputs get one clear line and the right exit code; shipped models are never overwritten."""
+"""Issues 16 and 31: hostile inputs get one clear line and the right exit code; shipped models are never overwritten;
+file names, mirrors, killed processes and concurrent runs do not corrupt what is kept."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -302,3 +310,379 @@ def test_dockerfile_runs_the_documented_command():
     args = build_parser().parse_args(["app", "--port", "8501", "--host", "0.0.0.0"])
     assert (args.port, args.host) == (8501, "0.0.0.0")
     assert build_parser().parse_args(["app"]).host == "127.0.0.1"
+
+
+# ----------------------------------------------------------------------------------------- issue 31: trust under abuse
+
+
+def _tiny_training(tmp_path: Path, name: str = "tiny") -> Path:
+    """A training config of a few seconds (8x8 images, one epoch) in ``tmp_path``; returns its path."""
+    rng = np.random.default_rng(0)
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x_train=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (16, 8, 8), dtype=np.uint8))
+    cfg = {"name": name, "model": ARCH, "dataset": f"npz:{npz}", "batch_size": 16, "epochs": 1, "warmup_steps": 1,
+           "test_subset": 16}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_score_csv_cells_never_become_formulas_or_forge_rows(tmp_path, monkeypatch, capsys):
+    import csv
+    import io
+
+    ck = _checkpoint(tmp_path / "ck")
+    work = tmp_path / "uploads"
+    work.mkdir()
+    # names an uploader chooses: formula starts, a tab or CR first, and a bare CR inside (a row break to Excel)
+    names = ["=HYPERLINK(1).png", "+cmd.png", "-2+3.png", "@SUM(1).png", "\tx.png", "\rlead.png", "a\rb,c.png",
+             "plain.png"]
+    for i, n in enumerate(names):
+        Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(work / n, format="PNG")
+    monkeypatch.chdir(work)
+    code, out, _ = _run(capsys, "score", str(ck), "--no-progress", "--", *names)
+    assert code == 0
+    rows = list(csv.reader(io.StringIO(out, newline="")))
+    assert len(rows) == 1 + len(names), rows  # a CR in a name does not split its row
+    assert rows[0][0] == "path"
+    for row, name in zip(rows[1:], names, strict=True):
+        path = row[0]
+        if name[0] in "=+-@\t\r":
+            assert path == "'" + name, (path, name)  # shown as text, the name still readable
+        else:
+            assert path == name
+        assert not row[3].startswith(("=", "+", "-", "@", "\t", "\r"))  # the score's name
+        for cell in row[1:3] + row[4:6]:
+            float(cell)  # numbers stay numbers (a negative log-likelihood is not neutralised)
+    for line in out.split("\n")[1:-1]:  # what a spreadsheet splitting on CR would see: no row starts a formula
+        for piece in line.split("\r")[1:]:
+            assert piece.startswith('"') or not piece.startswith(("=", "+", "-", "@")), repr(line)
+
+    # the dashboard's download is written by the same function, not a CSV writer of its own
+    app = Path(__file__).resolve().parent.parent / "app"
+    score_view = (app / "views" / "score.py").read_text()
+    assert "from flowcore.ood.scoring import write_rows" in score_view and 'write_rows(' in score_view
+    for src in app.rglob("*.py"):
+        text = src.read_text()
+        assert "DictWriter" not in text and "to_csv" not in text and "csv.writer" not in text, src
+
+
+def test_export_into_a_folder_with_a_models_files_but_no_weights_is_refused(tmp_path, monkeypatch, capsys):
+    cfg = _tiny_training(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "README.md").write_text("# my notes on a model\n")
+    np.savez(target / "reference.npz", test__likelihood=np.ones(3))
+    (target / "histogram.png").write_bytes(b"\x89PNG not really")
+    before = _files(target)
+    code, _, err = _run(capsys, "train", str(cfg), "--run-dir", "r", "--export", str(target), "--no-progress")
+    assert code == 2 and not (tmp_path / "r").exists()
+    _one_line_error(err, "already holds a model's files", "README.md", "--replace")
+    assert _files(target) == before
+
+
+def test_replace_export_is_all_or_nothing_when_the_disk_fills(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from flowcore.zoo import checkpoints
+
+    cfg = _tiny_training(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    shipped = _checkpoint(tmp_path / "zoo" / "tiny")
+    (shipped / "README.md").write_text("# tiny\n")
+    (shipped / "histogram.png").write_bytes(b"\x89PNG histogram")
+    before = _files(shipped)
+    real_save_file = checkpoints.save_file
+
+    def half_then_full(state, filename, *a, **kw):  # the weights file is half written when the disk fills
+        real_save_file(state, filename, *a, **kw)
+        data = Path(filename).read_bytes()
+        Path(filename).write_bytes(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save_file", half_then_full)
+    code, _, err = _run(capsys, "train", str(cfg), "--run-dir", "r", "--export", str(shipped), "--replace",
+                        "--no-progress")
+    assert code == 2
+    _one_line_error(err, "disk full")
+    assert _files(shipped) == before  # weights, config, statistics, card and histogram: all the old ones
+    assert sorted(p.name for p in shipped.parent.iterdir()) == ["tiny"]  # no staging folder left beside it
+
+    # with room on the disk the same export goes through, and what described the old weights goes with them
+    monkeypatch.setattr(checkpoints, "save_file", real_save_file)
+    code, _, _ = _run(capsys, "train", str(cfg), "--run-dir", "r2", "--export", str(shipped), "--replace",
+                      "--no-progress")
+    assert code == 0
+    assert sorted(p.name for p in shipped.iterdir()) == ["config.json", "model.safetensors"]
+    assert (shipped / "model.safetensors").read_bytes() != before["model.safetensors"]
+    assert "reference" not in json.loads((shipped / "config.json").read_text())
+    assert sorted(p.name for p in shipped.parent.iterdir()) == ["tiny"]
+
+
+def test_a_killed_fetch_leaves_nothing_that_lists_as_a_model(tmp_path, monkeypatch, capsys):
+    from flowcore.zoo.checkpoints import list_checkpoints
+
+    zoo = tmp_path / "zoo"
+    _checkpoint(zoo / "tiny")
+    _checkpoint(zoo / ".tiny.k1ll3d00.part")  # complete-looking files in a killed fetch's staging folder
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(zoo))
+    assert list_checkpoints() == ["tiny"] and list_checkpoints(zoo) == ["tiny"]
+    code, out, _ = _run(capsys, "zoo", "list")
+    assert code == 0 and ".part" not in out and ".tiny" not in out
+
+
+def test_fetch_removes_the_staging_folders_a_killed_fetch_left(tmp_path, monkeypatch, capsys):
+    from conftest import serve_folder
+
+    from flowcore.zoo import remote
+
+    served = tmp_path / "served"
+    _checkpoint(served / "tiny")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps(remote.make_manifest(served)))
+    monkeypatch.setattr(remote, "MANIFEST", manifest)
+    monkeypatch.setenv("FLOWCORE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FLOWCORE_CHECKPOINTS", raising=False)
+    root = tmp_path / "cache" / "checkpoints"
+    stale = root / ".tiny.k1ll3d00.part"
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"half a download")
+    other = root / ".tiny.b.k1ll3d00.part"  # the staging folder of another checkpoint ("tiny.b"): not ours
+    other.mkdir()
+    with serve_folder(served) as url:
+        code, _, err = _run(capsys, "zoo", "fetch", "tiny", "--base-url", url)
+    assert code == 0, err
+    assert sorted(p.name for p in root.iterdir()) == [".tiny.b.k1ll3d00.part", "tiny"]
+    assert _files(root / "tiny") == _files(served / "tiny")
+
+
+class _Trickle(http.server.BaseHTTPRequestHandler):
+    """A mirror that promises 1000 bytes and sends one every 5 s: every read succeeds well within its timeout. (It
+    hangs up after 4 bytes, so that a client without a deadline fails this test in 20 s, not 83 minutes.)"""
+
+    stop = threading.Event()
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        try:
+            for _ in range(4):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                if self.stop.wait(5.0):
+                    return
+        except OSError:  # the client gave up
+            return
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_a_trickling_mirror_fails_within_the_deadline_with_one_line(tmp_path, monkeypatch, capsys):
+    from flowcore.data import download
+    from flowcore.data.download import DownloadError, RemoteFile, fetch
+    from flowcore.zoo import remote
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Trickle)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        rf = RemoteFile("blob.bin", (f"{url}/blob.bin",), "0" * 64, 1000)
+        t0 = time.monotonic()
+        with pytest.raises(DownloadError, match="deadline") as info:
+            fetch(rf.urls, tmp_path / "blob.bin", rf, timeout=60.0, progress=None, deadline=2.0)
+        assert time.monotonic() - t0 < 4.5  # the deadline, not 1000 x 5 s (each read was within its 60 s timeout)
+        assert "\n" not in str(info.value) and sorted(p.name for p in tmp_path.iterdir()) == []
+
+        # the CLI's default deadline (here shortened) gives one line and exit 2, and leaves no staging folder
+        manifest = tmp_path / "manifest.json"
+        manifest.write_text(json.dumps({"checkpoints": {"slow": {"model.safetensors": {"size": 1000,
+                                                                                        "sha256": "0" * 64}}}}))
+        monkeypatch.setattr(remote, "MANIFEST", manifest)
+        monkeypatch.setattr(download, "BASE_DEADLINE", 2.0)
+        monkeypatch.setenv("FLOWCORE_CACHE", str(tmp_path / "cache"))
+        t0 = time.monotonic()
+        code, _, err = _run(capsys, "zoo", "fetch", "slow", "--base-url", url)
+        assert code == 2 and time.monotonic() - t0 < 4.5
+        _one_line_error(err, "flowcore zoo: error:", "model.safetensors", "deadline")
+        assert list((tmp_path / "cache" / "checkpoints").iterdir()) == []
+    finally:
+        _Trickle.stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding ``path`` (flock), as a running `flowcore train` holds its run folder's lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+         "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)", str(path)],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_training_in_the_same_run_folder_is_refused(tmp_path, monkeypatch, capsys):
+    from flowcore.ood.vectors import train_vectors
+
+    cfg = _tiny_training(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    holder = _hold_lock(tmp_path / "run" / ".lock")
+    try:
+        code, _, err = _run(capsys, "train", str(cfg), "--run-dir", "run", "--no-progress")
+        assert code == 2
+        _one_line_error(err, "flowcore train: error:", "run is in use by another training run", "--run-dir")
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # no log, no state, no export
+        # a flow on vectors (Sec. 8, App. K.3) takes the same lock before it reads any data
+        vectors = TrainConfig.from_dict({"name": "v", "features": "tabular", "dataset": "miniboone:signal",
+                                         "model": {"arch": "realnvp_tabular", "dim": 4, "couplings": 2, "hidden": 4,
+                                                   "blocks": 1}})
+        with pytest.raises(OSError, match="in use by another training run"):
+            train_vectors(vectors, run_dir=tmp_path / "run", progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    # once the other run has ended (its lock goes with its process, killed or not) the folder is free again
+    code, _, err = _run(capsys, "train", str(cfg), "--run-dir", "run", "--no-progress")
+    assert code == 0, err
+    # and a run holds the lock only while it trains: the next call in the same process is not refused
+    code, _, err = _run(capsys, "train", str(cfg), "--run-dir", "run", "--resume", "--epochs", "2", "--no-progress")
+    assert code == 0, err
+
+
+def test_a_fresh_run_never_appends_to_another_runs_log(tmp_path, monkeypatch, capsys):
+    cfg = _tiny_training(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    old_log = json.dumps({"time": 1.0, "event": "start", "config": {"name": "someone_else"}}) + "\n"
+    (run / "log.jsonl").write_text(old_log)  # a run killed before its first save: a log, no state.pt
+    code, _, err = _run(capsys, "train", str(cfg), "--run-dir", "run", "--no-progress")
+    assert code == 2
+    _one_line_error(err, "log of another run", "--resume", "--replace")
+    assert (run / "log.jsonl").read_text() == old_log
+    code, _, err = _run(capsys, "train", str(cfg), "--run-dir", "run", "--replace", "--no-progress")
+    assert code == 0, err
+    events = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[0]["config"]["name"] == "tiny"
+    assert sum(e["event"] == "start" for e in events) == 1
+
+
+@pytest.mark.parametrize(
+    "reference, message",
+    [
+        ({"n_draws": 100_000, "seed": 0}, "reference n_draws must be a whole number in 1..64"),
+        ({"n_draws": None, "seed": 0}, "reference n_draws must be a whole number in 1..64"),
+        ({"n_draws": "4", "seed": 0}, "reference n_draws must be a whole number in 1..64"),
+        ({"n_draws": 0}, "reference n_draws must be a whole number in 1..64"),
+        ({"n_draws": 1, "seed": -1}, "reference seed must be a whole number >= 0"),
+        ([1, 2], "'reference' must be a table"),
+        ("fast", "'reference' must be a table"),
+        (None, "'reference' must be a table"),
+    ],
+)
+def test_hostile_reference_summary_is_one_checkpoint_error(tmp_path, capsys, reference, message):
+    from flowcore.zoo.checkpoints import read_config
+
+    ck = _checkpoint(tmp_path / "ck")
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["reference"] = reference
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=message):
+        read_config(ck)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
+    t0 = time.perf_counter()
+    code, out, err = _run(capsys, "score", str(ck), str(good), "--no-progress")
+    assert code == 2 and out == "" and time.perf_counter() - t0 < 30
+    _one_line_error(err, "flowcore score: error:", message)
+
+
+def test_deeply_nested_checkpoint_config_is_one_line(tmp_path, capsys):
+    from flowcore.zoo.checkpoints import read_config
+
+    ck = _checkpoint(tmp_path / "ck")
+    (ck / "config.json").write_text('{"model": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        read_config(ck)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
+    code, out, err = _run(capsys, "score", str(ck), str(good))
+    assert code == 2 and out == ""
+    _one_line_error(err, "nested too deeply")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT of closed connections is not a holder
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid`` (from /proc), so that a test can end exactly the processes it started."""
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent:
+                found.append(int(stat.parent.name))
+                frontier.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc to find the dashboard's process")
+def test_sigterm_to_flowcore_app_stops_the_dashboard_and_frees_its_port(tmp_path):
+    pytest.importorskip("streamlit")
+    port = _free_port()
+    env = {**os.environ, "HOME": str(tmp_path)}  # streamlit's own files (credentials, config) go there
+    app = subprocess.Popen([sys.executable, "-c", "import sys; from flowcore.cli import main; sys.exit(main())",
+                            "app", "--port", str(port)], env=env, cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started: list[int] = []
+    try:
+        deadline, answer = time.time() + 180, ""
+        while time.time() < deadline and app.poll() is None and answer != "ok":
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2) as r:
+                    answer = r.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert answer == "ok", app.poll()
+        started = _children(app.pid)
+        assert started  # the Streamlit server runs in a child process
+        app.send_signal(signal.SIGTERM)
+        assert app.wait(timeout=30) in (0, 143)
+        t0 = time.time()
+        while not _port_is_free(port) and time.time() - t0 < 5:
+            time.sleep(0.2)
+        assert _port_is_free(port), "the dashboard outlived `flowcore app` and still holds the port"
+    finally:
+        for pid in [app.pid, *started]:  # only what this test started, by id
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        app.wait()

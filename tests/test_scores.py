@@ -279,3 +279,95 @@ def test_one_verdict_function_refuses_nan():
     assert verdict(-5.0, -4.0) == "OOD" and verdict(-3.0, -4.0) == "in-distribution"
     with pytest.raises(ValueError, match="non-finite score"):
         is_ood(float("nan"), -4.0)
+
+
+def test_judge_agrees_with_counting_and_numpy_quantile():
+    """Issue 30: the one verdict service, checked against a computation of its own: the percentile by counting the
+    reference values strictly below, the threshold by np.quantile, the verdict by comparing with it."""
+    from flowcore.ood.verdicts import IN_DISTRIBUTION, OOD, Judge, Verdict, judge_for
+
+    rng = np.random.default_rng(30)
+    for _ in range(20):
+        ref = rng.integers(-50, 50, rng.integers(1, 300)).astype(float)  # ties, and values equal to the reference
+        fpr = float(rng.uniform(0.01, 0.5))
+        judge = Judge(rng.permutation(ref), fpr)  # the order of the reference does not matter
+        values = np.r_[rng.uniform(-60, 60, 40), ref[:10]]
+        assert judge.threshold == pytest.approx(float(np.quantile(ref, fpr)), abs=1e-12)
+        counted = np.array([100.0 * np.count_nonzero(ref < v) / len(ref) for v in values])
+        np.testing.assert_allclose(judge.percentile(values), counted, atol=1e-12)
+        for v, pct in zip(values, counted, strict=True):
+            judged = judge.judge(v)
+            assert isinstance(judged, Verdict) and isinstance(judged.ood, bool)
+            assert judged.percentile == pytest.approx(pct, abs=1e-12)
+            assert judged.ood == (v < np.quantile(ref, fpr)) == judge.is_ood(v)
+            assert judged.words == (OOD if judged.ood else IN_DISTRIBUTION)
+            assert (judged.value, judged.threshold, judged.fpr) == (float(v), judge.threshold, fpr)
+    # at a threshold read from many distinct values, about an fpr share of the reference itself is flagged
+    ref = rng.normal(size=10_000)
+    assert np.mean([Judge(ref, 0.1).is_ood(v) for v in ref]) == pytest.approx(0.1, abs=0.002)
+    # built from a checkpoint's reference dict: the in-distribution test values of that score
+    reference = {"train__likelihood": ref + 5, "test__likelihood": ref, "test__typicality": -np.abs(ref)}
+    assert judge_for(reference, "typicality", 0.2).threshold == pytest.approx(np.quantile(-np.abs(ref), 0.2))
+    assert judge_for(reference, "likelihood").fpr == 0.05  # `flowcore score`'s default
+
+
+def test_every_verdict_reads_from_the_one_service():
+    """The old helpers of flowcore.ood.scores are the service's own functions, and the CSV rows of
+    ``flowcore score`` carry the service's percentile and verdict."""
+    import flowcore.ood.scores as scores
+    from flowcore.ood import verdicts
+    from flowcore.ood.scores import result_rows
+
+    for fn in ("ood_threshold", "percentile_of", "is_ood", "verdict"):
+        assert getattr(scores, fn) is getattr(verdicts, fn), fn
+    rng = np.random.default_rng(3)
+    reference = {"test__likelihood": rng.normal(-1000, 30, 500)}
+    ll = np.r_[rng.normal(-1000, 60, 7), np.nan]
+    rows = result_rows([f"{i}.png" for i in range(8)], {"likelihood": ll, "bpd": -ll}, "likelihood", reference, 0.1)
+    judge = verdicts.judge_for(reference, "likelihood", 0.1)
+    for row, value in zip(rows[:7], ll, strict=False):
+        assert row["ood"] == bool(value < np.quantile(reference["test__likelihood"], 0.1)) == judge.judge(value).ood
+        assert row["percentile"] == round(100 * np.mean(reference["test__likelihood"] < value), 2)
+    assert rows[7] == {"path": "7.png", "error": "non-finite likelihood score (nan)"}
+
+
+def test_judge_refuses_nan_and_a_reference_it_cannot_read():
+    from flowcore.ood.verdicts import Judge, judge_for, percentile_of
+
+    judge = Judge(np.arange(10.0), 0.05)
+    for bad in (float("nan"), float("inf"), -float("inf"), np.float32("nan")):
+        with pytest.raises(ValueError, match="non-finite score"):
+            judge.judge(bad)
+        with pytest.raises(ValueError, match="non-finite score"):
+            judge.is_ood(bad)
+    # a NaN has no percentile either (np.searchsorted would put it past every value: the 100th percentile)
+    assert np.isnan(judge.percentile(float("nan")))
+    np.testing.assert_array_equal(np.isnan(judge.percentile([1.5, np.nan, -np.inf])), [False, True, True])
+    assert np.isnan(percentile_of(np.nan, np.arange(10.0)))
+    with pytest.raises(ValueError, match="non-finite"):
+        Judge(np.array([1.0, np.nan, 3.0]))  # its threshold would be NaN: every verdict "in-distribution"
+    with pytest.raises(ValueError, match="at least one"):
+        Judge(np.array([]))
+    for fpr in (0.0, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="fpr must be in"):
+            Judge(np.arange(10.0), fpr)
+    with pytest.raises(ValueError, match=r"no in-distribution test scores for 'typicality' \(no 'test__typicality'"):
+        judge_for({"test__likelihood": np.arange(3.0), "train__typicality": np.arange(3.0)}, "typicality")
+    with pytest.raises(AttributeError):
+        judge.threshold = 0.0  # frozen: a page cannot move the threshold it was given
+    with pytest.raises(ValueError):
+        judge.reference[0] = 99.0  # nor the reference under it
+
+
+def test_no_dashboard_page_computes_a_verdict_itself():
+    """Every page reads its thresholds, percentiles and verdicts from flowcore.ood.verdicts (issue 30)."""
+    import re
+    from pathlib import Path
+
+    views = Path(__file__).resolve().parent.parent / "app" / "views"
+    own = re.compile(r"ood_threshold|percentile_of|quantile\(|searchsorted|(?<![.\w])(is_ood|verdict)\(")
+    pages = sorted(views.glob("*.py"))
+    assert {"score.py", "perturb.py", "features.py", "compare.py"} <= {p.name for p in pages}
+    for page in pages:
+        found = own.search(page.read_text())
+        assert found is None, f"{page.name} computes {found.group(0)} itself instead of asking flowcore.ood.verdicts"

@@ -9,7 +9,7 @@ import streamlit as st
 from flowcore.dashboard import figures, state
 from flowcore.data.datasets import set_label
 from flowcore.flows.config import describe_architecture
-from flowcore.ood.scores import percentile_of
+from flowcore.ood.verdicts import judge_for
 
 
 def overview(options: list[str]) -> pd.DataFrame:
@@ -55,7 +55,7 @@ def column(name: str, units: str, key: str) -> dict[str, np.ndarray]:
     out: dict = {"auroc": state.auroc_percent_table(name)}  # drawn full width below both columns
     if good:
         out.update(names=np.array([item.name for item, _ in good]), bpd=res["bpd"],
-                   percentile=percentile_of(res["likelihood"], ref["test__likelihood"]))
+                   percentile=judge_for(ref, "likelihood").percentile(res["likelihood"]))
     return out
 
 

@@ -11,8 +11,8 @@ import streamlit as st
 from flowcore.dashboard import figures, measure, state
 from flowcore.data.datasets import EXAMPLE_SETS, load_examples, set_label
 from flowcore.data.embeddings import ExtractorMissing, load_extractor
-from flowcore.ood.scores import is_ood, ood_threshold, percentile_of, verdict
 from flowcore.ood.vectors import PROJECTION, project
+from flowcore.ood.verdicts import Judge, judge_for
 from flowcore.zoo.checkpoints import checkpoints_dir
 
 # the paper's headline case (Table 2a: CIFAR-10 -> CelebA), shown when the sidebar's model has no feature flow
@@ -39,9 +39,9 @@ def auroc_frame(name: str, pixel_flows: list[str]) -> pd.DataFrame:
     return frame.round(1).map(lambda v: "–" if pd.isna(v) else f"{v:.1f}")  # one decimal, as on every page
 
 
-def flagged(values: np.ndarray, threshold: float) -> int:
-    """How many of ``values`` are below the threshold (non-finite ones, which have no verdict, left out)."""
-    return sum(is_ood(float(v), threshold) for v in values if np.isfinite(v))
+def flagged(values: np.ndarray, judge: Judge) -> int:
+    """How many of ``values`` ``judge`` calls OOD (non-finite ones, which have no verdict, left out)."""
+    return sum(judge.is_ood(v) for v in values if np.isfinite(v))
 
 
 def verdict_sentence(row: dict, pixel: str | None, judge: str = "the flow on features") -> str:
@@ -133,9 +133,9 @@ def main() -> None:
                      format_func=lambda s: score_label(name, s),
                      help="The flow's log-likelihood of the features, or one of the two baselines stored with it. "
                           "It starts on the one with the best mean AUROC over the OOD sets below.")
-    threshold = ood_threshold(ref[f"test__{score}"], fpr)
+    features_judge = judge_for(ref, score, fpr)
     pixel_ref = state.reference(pixel) if pixel else {}
-    pixel_threshold = ood_threshold(pixel_ref["test__likelihood"], fpr) if "test__likelihood" in pixel_ref else None
+    pixel_judge = judge_for(pixel_ref, "likelihood", fpr) if "test__likelihood" in pixel_ref else None
 
     st.subheader("AUROC (%): the flow, its baselines and the pixel flows")
     st.table(auroc_frame(name, pixel_flows))  # a table wraps to its column: a dataframe was cut at 1024x768
@@ -155,19 +155,20 @@ def main() -> None:
         ll = state.feature_scores(name, arrays)[score]
         rows = []
         pixel_ll = None
-        if pixel_threshold is not None:
+        if pixel_judge is not None:
             pixel_good, _ = state.prepared_inputs(state.image_shape(pixel), [item for item, _ in good])
             pixel_ll = state.scores(pixel, [p.array for _, p in pixel_good])["likelihood"]
         for i, ((item, _), value) in enumerate(zip(good, ll, strict=True)):
             if not np.isfinite(value):
                 st.warning(f"{item.name}: its features get a non-finite score (NaN or inf); no verdict")
                 continue
-            row = {"image": item.name,
-                   "features: percentile": round(float(percentile_of(value, ref[f"test__{score}"])), 2),
-                   "features: verdict": verdict(float(value), threshold)}
+            on_features = features_judge.judge(value)
+            row = {"image": item.name, "features: percentile": round(on_features.percentile, 2),
+                   "features: verdict": on_features.words}
             if pixel_ll is not None and np.isfinite(pixel_ll[i]):
-                row["pixels: percentile"] = round(float(percentile_of(pixel_ll[i], pixel_ref["test__likelihood"])), 2)
-                row["pixels: verdict"] = verdict(float(pixel_ll[i]), pixel_threshold)
+                on_pixels = pixel_judge.judge(pixel_ll[i])
+                row["pixels: percentile"] = round(on_pixels.percentile, 2)
+                row["pixels: verdict"] = on_pixels.words
             rows.append(row)
         if rows:
             st.table(pd.DataFrame(rows).set_index("image").style.format(precision=2))  # not a float's 4 decimals
@@ -188,10 +189,10 @@ def main() -> None:
     for dataset in EXAMPLE_SETS:
         x = load_examples(dataset)
         row = {"set": set_label(dataset), "images": len(x),
-               "flagged OOD (features)": flagged(state.feature_scores(name, x)[score], threshold)}
-        if pixel_threshold is not None:
+               "flagged OOD (features)": flagged(state.feature_scores(name, x)[score], features_judge)}
+        if pixel_judge is not None:
             px = state.scores(pixel, load_examples(dataset, state.image_shape(pixel)))["likelihood"]
-            row["flagged OOD (pixels)"] = flagged(px[np.isfinite(px)], pixel_threshold)
+            row["flagged OOD (pixels)"] = flagged(px[np.isfinite(px)], pixel_judge)
         rows.append(row)
     st.table(pd.DataFrame(rows).set_index("set"))
     dataset = set_label(str(state.config(name).get("dataset", "")))

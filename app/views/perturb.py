@@ -7,7 +7,7 @@ import streamlit as st
 
 from flowcore.dashboard import figures, measure, state
 from flowcore.data import images
-from flowcore.ood.scores import ood_threshold, percentile_of, verdict
+from flowcore.ood.verdicts import DEFAULT_FPR, judge_for
 
 LEVELS = {
     "noise": [0.0, 2.0, 5.0, 10.0, 20.0, 40.0, 70.0, 100.0],
@@ -46,6 +46,7 @@ def main() -> None:
     s = state.scores(name, np.stack(batch))
     bpd = s["bpd"]
     ref = state.reference(name)
+    judge = judge_for(ref, "likelihood", DEFAULT_FPR) if ref else None  # the CLI's default false-positive rate
 
     left, right = st.columns([2, 3])
     with left:
@@ -57,18 +58,17 @@ def main() -> None:
         change = f"{bpd[1] - bpd[0]:+.4f}"
         unchanged = change in ("+0.0000", "-0.0000")  # no arrow, no colour for an edit that changes nothing
         m2.metric("bits/dim, edited", f"{bpd[1]:.4f}", None if unchanged else change, delta_color="inverse")
-        if ref:
-            pct = percentile_of(s["likelihood"][1:2], ref["test__likelihood"])[0]
-            thr = ood_threshold(ref["test__likelihood"], 0.05)
-            st.caption(f"Edited image: percentile {pct:.2f} % among test images; at 5 % FPR: "
-                       f"{verdict(float(s['likelihood'][1]), thr)}.")
+        if judge is not None:
+            edited_verdict = judge.judge(s["likelihood"][1])
+            st.caption(f"Edited image: percentile {edited_verdict.percentile:.2f} % among test images; at "
+                       f"{100 * judge.fpr:.0f} % FPR: {edited_verdict.words}.")
     with right:
         hlines = []
-        if ref:
+        if judge is not None:
             test_bpd = state.to_units(ref["test__likelihood"], "likelihood", "bpd", dims)
             hlines.append(("test median", float(np.median(test_bpd))))
-            thr_bpd = float(state.to_units(ood_threshold(ref["test__likelihood"], 0.05), "likelihood", "bpd", dims))
-            hlines.append(("OOD threshold, 5 % FPR", thr_bpd))
+            thr_bpd = float(state.to_units(judge.threshold, "likelihood", "bpd", dims))
+            hlines.append((f"OOD threshold, {100 * judge.fpr:.0f} % FPR", thr_bpd))
         fig = figures.curve(levels, bpd[2:], vary, "bits/dim", current=settings[vary], hlines=hlines)
         st.plotly_chart(fig, key="pt_curve")
         st.caption(f"{label}; bits/dim as {vary} varies, the other settings as chosen (lower = more likely).")

@@ -10,15 +10,9 @@ import streamlit as st
 
 from flowcore.dashboard import figures, measure, state
 from flowcore.data import images
-from flowcore.ood.scores import (
-    SCORE_DESCRIPTIONS,
-    ood_threshold,
-    percentile_of,
-    result_rows,
-    typicality_batch_test,
-    verdict,
-)
+from flowcore.ood.scores import SCORE_DESCRIPTIONS, result_rows, typicality_batch_test
 from flowcore.ood.scoring import write_rows
+from flowcore.ood.verdicts import judge_for
 
 MAX_MARKERS = 12
 
@@ -78,16 +72,15 @@ def main() -> None:
             )
         return
 
-    test_ll = ref["test__likelihood"]
-    ll_threshold = ood_threshold(test_ll, fpr)
-    score_ref = ref.get(f"test__{score}", test_ll)
-    score_threshold = ood_threshold(score_ref, fpr)
+    # the verdicts of this page and of its CSV come from the same two judges (flowcore.ood.verdicts)
+    ll_judge = judge_for(ref, "likelihood", fpr)
+    score_judge = judge_for(ref, score, fpr)
 
     if good:
         ll = results["likelihood"]
-        pct = percentile_of(ll, test_ll)
+        pct = ll_judge.percentile(ll)
         chosen = results.get(score, ll)
-        score_pct = percentile_of(chosen, score_ref)
+        score_pct = score_judge.percentile(chosen)
         current_key = st.session_state.get(state.CURRENT_KEY)
         i = next((k for k, (item, _) in enumerate(good) if item.key == current_key), 0)
         item, prepared = good[i]
@@ -104,11 +97,11 @@ def main() -> None:
             help="Percentile among the model's in-distribution test images: the share of them with a lower "
             "likelihood (0 % = less likely than every test image).",
         )
-        m[3].metric(f"verdict at {fpr:.0%} FPR ({score})", verdict(float(chosen[i]), score_threshold))
+        m[3].metric(f"verdict at {fpr:.0%} FPR ({score})", score_judge.judge(chosen[i]).words)
         if score != "likelihood":
             right.caption(
                 f"{score} = {chosen[i]:.4g}, percentile {score_pct[i]:.2f} % among test images; "
-                f"by likelihood alone: {verdict(float(ll[i]), ll_threshold)}."
+                f"by likelihood alone: {ll_judge.judge(ll[i]).words}."
             )
 
     markers: list[tuple[str, float]] = []
@@ -162,12 +155,12 @@ def main() -> None:
             "log-likelihood (nats)": np.round(ll, 3),
             "bpd": np.round(results["bpd"], 5),
             "percentile (likelihood)": np.round(pct, 2),
-            f"verdict (likelihood, {fpr:.0%} FPR)": [verdict(float(v), ll_threshold) for v in ll],
+            f"verdict (likelihood, {fpr:.0%} FPR)": [ll_judge.judge(v).words for v in ll],
         }
         if score != "likelihood":
             table[score] = np.round(chosen, 5)
             table[f"percentile ({score})"] = np.round(score_pct, 2)
-            table[f"verdict ({score}, {fpr:.0%} FPR)"] = [verdict(float(v), score_threshold) for v in chosen]
+            table[f"verdict ({score}, {fpr:.0%} FPR)"] = [score_judge.judge(v).words for v in chosen]
         df = pd.DataFrame(table)
         st.dataframe(df, hide_index=True, key="score_table")
         csv_text = io.StringIO()  # the schema and values of `flowcore score NAME FILES --score S --fpr F`
@@ -180,7 +173,7 @@ def main() -> None:
             key="score_csv",
         )
         if len(good) >= 2 and "train__likelihood" in ref:
-            stat, p = typicality_batch_test(ll, ref["train__likelihood"], test_ll)
+            stat, p = typicality_batch_test(ll, ref["train__likelihood"], ref["test__likelihood"])
             st.metric(
                 "Typicality test of the whole batch (p-value)",
                 f"{p:.3g}",

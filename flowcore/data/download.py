@@ -8,13 +8,14 @@ import hashlib
 import os
 import re
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DownloadError", "ChecksumError", "RemoteFile", "fetch", "sha256_of"]
+__all__ = ["DownloadError", "ChecksumError", "RemoteFile", "default_deadline", "fetch", "sha256_of"]
 
 
 class DownloadError(OSError):
@@ -45,15 +46,57 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+# A file's whole download must end within BASE_DEADLINE + size / MIN_RATE seconds: a per-read timeout alone lets a
+# mirror that sends one byte every few seconds hold a download (and the CLI) forever.
+BASE_DEADLINE = 120.0  # seconds for connecting and a small file
+MIN_RATE = 25_000.0  # bytes per second, on average over the file: far below any working connection
+
+
+def default_deadline(size: int) -> float:
+    """Seconds a download of ``size`` bytes may take in all (:data:`BASE_DEADLINE` + ``size`` / :data:`MIN_RATE`)."""
+    return BASE_DEADLINE + max(0, size) / MIN_RATE
+
+
+class _Deadline:
+    """The time left until a fixed moment, for one file's download over all its mirrors."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def wait(self, timeout: float) -> float:
+        """A socket timeout for the next wait: ``timeout``, or less when the deadline is nearer."""
+        left = self.left()
+        if left <= 0:
+            raise TimeoutError(f"gave up after {self.seconds:g} s (the deadline for the whole file)")
+        return min(timeout, left)
+
+
+def _limit_wait(resp, seconds: float) -> None:
+    # the socket under the response, so that a read blocks no longer than the deadline allows; http.client keeps
+    # it as resp.fp.raw._sock (SocketIO). Where it is not there, each read is still bounded by ``timeout`` and the
+    # deadline checked after it.
+    sock = getattr(getattr(getattr(resp, "fp", None), "raw", None), "_sock", None)
+    if sock is not None:
+        sock.settimeout(seconds)
+
+
 def fetch(
     urls: tuple[str, ...],
     target: Path,
     rf: RemoteFile,
     timeout: float,
     progress: Callable[[str, int, int], None] | None,
+    deadline: float | None = None,
 ) -> None:
+    """Download ``rf`` from the first of ``urls`` that serves it whole and verified, into ``target``. ``timeout``
+    bounds each wait on the network, ``deadline`` (seconds; default :func:`default_deadline` of its size) the
+    whole file over all mirrors."""
     errors: list[str] = []
     mismatch = False
+    clock = _Deadline(default_deadline(rf.size) if deadline is None else deadline)
     for url in urls:
         if not re.match(r"https?://", url):
             errors.append(f"{url}: only http(s) URLs are allowed")
@@ -64,9 +107,12 @@ def fetch(
             h = hashlib.sha256()
             done = 0
             req = urllib.request.Request(url, headers={"User-Agent": "flowcore-data/0.1"})
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=timeout) as resp:
+            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=clock.wait(timeout)) as resp:
                 while True:
-                    chunk = resp.read(1 << 20)
+                    _limit_wait(resp, clock.wait(timeout))
+                    # read1: whatever has arrived (at most 1 MiB), so a trickle returns and the deadline is seen;
+                    # read(n) would wait for all n bytes
+                    chunk = resp.read1(1 << 20)
                     if not chunk:
                         break
                     done += len(chunk)
@@ -87,7 +133,10 @@ def fetch(
             os.replace(tmp, target)
             return
         except (urllib.error.URLError, OSError, ValueError) as e:
-            errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
+            reason = getattr(e, "reason", None) or e
+            if clock.left() <= 0:  # a socket timeout cut short by the deadline: say which limit it was
+                reason = f"gave up after {clock.seconds:g} s (the deadline for the whole file)"
+            errors.append(f"{url}: {reason}")
         finally:
             tmp.unlink(missing_ok=True)
     cls = ChecksumError if mismatch else DownloadError

@@ -31,6 +31,8 @@ from PIL import Image
 from torch import nn
 
 from ..flows.likelihood import as_image_tensor, log_likelihood_terms, nats_to_bpd
+from .knn import knn_score, normalise  # their one home; kept here for callers
+from .verdicts import is_ood, judge_for, ood_threshold, percentile_of, verdict  # their one home; kept here for callers
 
 __all__ = [
     "SCORE_NAMES",
@@ -160,25 +162,6 @@ def with_embedding_reference(
     return {**reference, **extra}
 
 
-def normalise(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit Euclidean length (float64); an all-zero row stays zero."""
-    x = np.asarray(features, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1.0)
-
-
-def knn_score(features: np.ndarray, bank: np.ndarray, k: int) -> np.ndarray:
-    """``-||f/|f| - b_(k)||``: minus the distance of each unit-length feature to its ``k``-th nearest row of
-    ``bank`` (unit-length training features), Sun et al.'s k-NN OOD score (higher = more in-distribution)."""
-    bank = np.asarray(bank, dtype=np.float64)
-    if not 1 <= k <= len(bank):
-        raise ValueError(f"k must be in 1..{len(bank)} (the bank's size), got {k}")
-    f = normalise(features)
-    sq = (f**2).sum(1)[:, None] - 2 * f @ bank.T + (bank**2).sum(1)[None, :]
-    kth = np.partition(sq, k - 1, axis=1)[:, k - 1]
-    return -np.sqrt(np.maximum(kth, 0.0))
-
-
 def auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:
     """AUROC with in-distribution as the positive class (paper convention); NaN-safe inputs only.
 
@@ -197,32 +180,6 @@ def auroc(in_scores: np.ndarray, ood_scores: np.ndarray) -> float:
     ranks[order] = np.repeat(first + (counts + 1) / 2.0, counts)  # 1-based average rank of each tie group
     u = ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2.0
     return float(u / (len(pos) * len(neg)))
-
-
-def percentile_of(values: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Percentage of ``reference`` scores strictly below each value (0 = least in-distribution)."""
-    ref = np.sort(np.asarray(reference))
-    return 100.0 * np.searchsorted(ref, np.asarray(values), side="left") / len(ref)
-
-
-def ood_threshold(reference_in: np.ndarray, fpr: float) -> float:
-    """Score threshold flagging a fraction ``fpr`` of in-distribution images as OOD (score < threshold)."""
-    if not 0 < fpr < 1:
-        raise ValueError("fpr must be in (0, 1)")
-    return float(np.quantile(np.asarray(reference_in), fpr))
-
-
-def is_ood(value: float, threshold: float) -> bool:
-    """The one OOD verdict: a score below the threshold of :func:`ood_threshold`. A non-finite score has no
-    verdict (NaN compares False with everything, which would read as in-distribution): it is refused."""
-    if not np.isfinite(value):
-        raise ValueError(f"a non-finite score ({value}) has no OOD verdict")
-    return bool(value < threshold)
-
-
-def verdict(value: float, threshold: float) -> str:
-    """:func:`is_ood` in words, as the dashboard shows it."""
-    return "OOD" if is_ood(value, threshold) else "in-distribution"
 
 
 def typicality_batch_test(
@@ -250,15 +207,14 @@ def result_rows(
     log-likelihood, bpd, the chosen score, its percentile among the reference test images and the OOD verdict
     at false-positive rate ``fpr``. An image with a non-finite value gets ``{"path", "error"}`` instead: NaN
     compares False with every threshold, so it must never reach a percentile or a verdict."""
-    ref = reference[f"test__{score}"]
-    threshold = ood_threshold(ref, fpr)
-    pct = percentile_of(np.nan_to_num(np.asarray(scores[score], dtype=float)), ref)  # read only where finite
+    judge = judge_for(reference, score, fpr)
     rows: list[dict] = []
     for i, name in enumerate(names):
         value, ll = float(scores[score][i]), float(scores["likelihood"][i])
         if not (np.isfinite(value) and np.isfinite(ll)):
             rows.append({"path": name, "error": f"non-finite {score} score ({value})"})
             continue
+        judged = judge.judge(value)
         rows.append(
             {
                 "path": name,
@@ -266,8 +222,8 @@ def result_rows(
                 "bpd": round(float(scores["bpd"][i]), 5) if "bpd" in scores else "",  # none for feature flows
                 "score": score,
                 "value": round(value, 5),
-                "percentile": round(float(pct[i]), 2),
-                "ood": is_ood(value, threshold),
+                "percentile": round(judged.percentile, 2),
+                "ood": judged.ood,
             }
         )
     return rows

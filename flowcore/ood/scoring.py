@@ -6,11 +6,13 @@ files, runs the model over them (sharded under torchrun) and writes the rows as 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from .scores import CSV_FIELDS, EMBEDDING_SCORES, SCORE_NAMES, compute_scores, result_rows, with_embedding_reference
 
-__all__ = ["score_files", "write_rows"]
+__all__ = ["score_files", "write_rows", "csv_cell"]
 
 
 def score_files(
@@ -151,8 +153,23 @@ def _score_feature_files(
     return [r for r in rows if "error" not in r], failures + [(r["path"], r["error"]) for r in rows if "error" in r]
 
 
+# A spreadsheet reads a cell starting with one of these as a formula (=HYPERLINK(...), +cmd|..., @SUM(...)); a
+# tab or CR at the start is how the same payload hides from a first look. File names are chosen by whoever sent
+# the files, so such a cell gets a leading ' (shown as text, the usual OWASP neutralisation).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet shows as text: strings starting like a formula get a leading ``'``. Numbers
+    are left alone (a negative log-likelihood is a number, not a formula)."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return "'" + value
+    return value
+
+
 def write_rows(rows: list[dict], fmt: str, stream) -> None:
-    """CSV (header + one line per image) or JSON (one array)."""
+    """CSV (header + one line per image) or JSON (one array): ``flowcore score``'s output and the dashboard's CSV
+    download, one writer for both. CSV cells are neutralised by :func:`csv_cell`."""
     import csv
     import json
 
@@ -160,6 +177,13 @@ def write_rows(rows: list[dict], fmt: str, stream) -> None:
         json.dump(rows, stream, indent=1)
         stream.write("\n")
         return
-    w = csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
+    # With lineterminator "\n" the csv module quotes a field holding LF but not one holding a bare CR, which a
+    # spreadsheet takes for the end of the row: a crafted file name would forge rows. Such a row is written with
+    # every field quoted (mixing quoted and unquoted rows is valid CSV); the others stay as they were.
+    plain = csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n")
+    quoted = csv.DictWriter(stream, fieldnames=CSV_FIELDS, lineterminator="\n", quoting=csv.QUOTE_ALL)
+    plain.writeheader()
+    for row in rows:
+        safe = {k: csv_cell(v) for k, v in row.items()}
+        breaks = any(isinstance(v, str) and ("\r" in v or "\n" in v) for v in safe.values())
+        (quoted if breaks else plain).writerow(safe)

@@ -23,9 +23,9 @@ import torch
 from ..data import embeddings
 from ..data.datasets import DatasetNotFound, load_images, set_label
 from ..flows.models import build
-from ..training.train import TABULAR, RunLog, TrainConfig, drop_derived_files, export_folder, lr_at, optimizer_for
-from ..zoo.checkpoints import KNN, PROJECTION, atomic_write, cache_dir, save
-from .scores import knn_score, normalise
+from ..training.train import TABULAR, RunLog, TrainConfig, export_folder, lr_at, optimizer_for
+from ..zoo.checkpoints import KNN, PROJECTION, atomic_write, cache_dir, save, staged_checkpoint
+from .knn import knn_score, normalise
 
 __all__ = [
     "cache_dir", "dataset_features", "train_vectors", "log_likelihood", "image_log_likelihood", "input_shape",
@@ -233,6 +233,9 @@ def train_vectors(
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from ..training.train import lock_run_folder
+
+    _lock = lock_run_folder(run_dir)  # held until this call ends: a second run in this folder is refused
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
@@ -344,13 +347,14 @@ def train_vectors(
     if cfg.model.whiten:
         training["ledoit_wolf_shrinkage"] = round(float(shrinkage), 6)
     bank, knn = knn_bank(x_train.numpy(), cfg.seed) if kind != TABULAR else (None, None)
-    drop_derived_files(out)
-    save(model.cpu(), out, name=cfg.name, dataset=cfg.dataset, features=cfg.features, ood=cfg.ood,
-         training=training, input_shape=None if kind == TABULAR else input_shape(cfg.dataset, data_dir),
-         train_config=cfg.to_dict(), metrics={"test_nll_per_dim": round(test_nll, 5), "test_subset": len(x_test)},
-         **({"knn": knn} if knn else {}))
-    if knn:
-        write_knn_bank(out, bank)
+    # all or nothing, like a pixel flow's export: the old checkpoint stays whole until every new file is written
+    with staged_checkpoint(out) as stage:
+        save(model.cpu(), stage, name=cfg.name, dataset=cfg.dataset, features=cfg.features, ood=cfg.ood,
+             training=training, input_shape=None if kind == TABULAR else input_shape(cfg.dataset, data_dir),
+             train_config=cfg.to_dict(), metrics={"test_nll_per_dim": round(test_nll, 5), "test_subset": len(x_test)},
+             **({"knn": knn} if knn else {}))
+        if knn:
+            write_knn_bank(stage, bank)
     log(event="export", path=str(out), test_nll_per_dim=test_nll, selected_epoch=best["epoch"])
     return {"stopped_by": stopped_by, "test_nll_per_dim": test_nll, "export": str(out), "epoch": len(curve) - 1,
             "selected_epoch": best["epoch"]}

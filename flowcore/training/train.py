@@ -4,6 +4,7 @@ A run lives in a run folder (``runs/NAME`` by default)::
 
     state.pt      model + optimizer + position (atomic saves; loaded with weights_only=True)
     log.jsonl     one JSON object per logged event
+    .lock         held (flock) by the process training there: a second run in the folder is refused
     checkpoint/   the final model, exported when the run ends (``export_dir`` puts it elsewhere; an existing
                   checkpoint is replaced only with ``replace=True``, and its reference statistics go with it)
 
@@ -29,7 +30,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -41,15 +42,13 @@ from ..flows.likelihood import LOG_256, as_image_tensor, dequantize, log_likelih
 from ..flows.models import build, log_prob_running_stats
 from ..flows.precision import PRECISIONS, set_st_precision, st_precision
 from ..zoo.checkpoints import (
-    CONFIG,
-    DERIVED_FILES,
-    WEIGHTS,
+    FOLDER_FILES,
     CheckpointError,
     atomic_write,
     load,
     read_config,
     save,
-    write_json,
+    staged_checkpoint,
 )
 from . import distributed as dist
 
@@ -320,29 +319,70 @@ class RunLog:
 
 def export_folder(run_dir: Path, export_dir: str | os.PathLike | None, replace: bool) -> Path:
     """Where a run exports (``export_dir``, else ``RUN_DIR/checkpoint``), refused before any training when it
-    already holds a model and ``replace`` is not given (the run's own folder is its own to rewrite)."""
+    already holds any file of a checkpoint folder (:data:`FOLDER_FILES`: weights, or only the card, statistics or
+    histogram that a model left there) and ``replace`` is not given (the run's own folder is its own to
+    rewrite)."""
     out = Path(export_dir) if export_dir else Path(run_dir) / "checkpoint"
-    if export_dir and (out / WEIGHTS).exists() and not replace:
-        raise FileExistsError(
-            f"{out} already holds a model; training never replaces one unless told to "
-            "(--replace), so export elsewhere (--export DIR) or pass --replace"
-        )
+    if export_dir and out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is not a folder: export to a folder (--export DIR)")
+    if export_dir and not replace:
+        # the export folder's derived files would be dropped with the old weights: without --replace nothing there
+        # is ours to drop, with or without a model.safetensors beside them
+        held = [f for f in FOLDER_FILES if (out / f).exists()]
+        if held:
+            raise FileExistsError(
+                f"{out} already holds a model's files ({', '.join(held)}); training never replaces them unless "
+                "told to (--replace), so export elsewhere (--export DIR) or pass --replace"
+            )
     return out
 
 
-def drop_derived_files(folder: Path) -> None:
-    """Before new weights land in ``folder``: remove what was computed from the old ones (reference
-    statistics, histogram, model card, and the ``reference`` summary and ``data_note`` in ``config.json``)."""
-    for derived in DERIVED_FILES:
-        (folder / derived).unlink(missing_ok=True)
-    cfg_path = folder / CONFIG
-    if cfg_path.is_file():
-        try:
-            old = json.loads(cfg_path.read_text())
-        except (OSError, ValueError):
-            return
-        if isinstance(old, dict) and {"reference", "data_note"} & old.keys():
-            write_json(cfg_path, {k: v for k, v in old.items() if k not in ("reference", "data_note")})
+LOCK = ".lock"  # in a run folder: held (flock) by the one process training there
+
+
+class RunFolderInUse(OSError):
+    """Another process is training in this run folder."""
+
+
+def lock_run_folder(run_dir: str | os.PathLike) -> IO[str] | None:
+    """Take ``RUN_DIR/.lock`` exclusively (``flock``, non-blocking) for as long as the returned file stays open;
+    the kernel drops it when the process ends, killed or not, so a lock is never stale. Two runs in one folder
+    would interleave their log.jsonl, state.pt and export, and the last export would silently win: the second
+    is refused at once with one line. ``None`` where the platform has no flock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return None
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    f = open(run_dir / LOCK, "a+")  # never truncated before the lock is ours: it names the holder
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read(32).strip()
+        f.close()
+        by = f" (process {holder})" if holder.isdigit() else ""
+        raise RunFolderInUse(f"{run_dir} is in use by another training run{by}: wait for it to end, or train into "
+                             "another --run-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def _check_fresh_log(run_dir: Path, resume: bool, replace: bool) -> None:
+    """A fresh run (no --resume) into a folder that holds another run's log.jsonl (and no state.pt, which
+    :func:`_restore_or_begin` refuses by itself) would append its events to that log: one file, two runs. Refused,
+    unless ``replace`` (the old log is replaced)."""
+    log = run_dir / "log.jsonl"
+    if resume or not log.is_file() or (run_dir / "state.pt").is_file():
+        return
+    if not replace:
+        raise FileExistsError(f"{log} is the log of another run: continue that run with --resume, start over with "
+                              "--replace (its log is replaced), or train into another --run-dir")
+    log.unlink()
 
 
 @dataclass
@@ -609,9 +649,11 @@ def _export(run: _Run, out: Path, stopped_by: str, bpd: float) -> None:
         "precision": cfg.precision,  # of the st-networks in training; evaluation and scores are float32
     }
     if run.main:
-        drop_derived_files(out)
-        save(run.model.cpu(), out, name=cfg.name, dataset=cfg.dataset, ood=cfg.ood, training=training,
-             train_config=cfg.to_dict(), metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(run.x_test)})
+        # all or nothing: the old checkpoint (weights, statistics, card) stays whole until the new files are written
+        with staged_checkpoint(out) as stage:
+            save(run.model.cpu(), stage, name=cfg.name, dataset=cfg.dataset, ood=cfg.ood, training=training,
+                 train_config=cfg.to_dict(),
+                 metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(run.x_test)})
 
 
 def train(
@@ -628,20 +670,37 @@ def train(
 ) -> dict[str, Any]:
     """Train (or resume) a run; export to ``export_dir`` (default ``RUN_DIR/checkpoint``) when finished.
 
-    An ``export_dir`` that already holds a model (a shipped checkpoint, say) is refused before any training
-    unless ``replace``; replacing drops its reference statistics, histogram and card, which described the old
-    weights. ``max_steps`` stops early (for tests: simulates a kill) without exporting. ``max_minutes`` (else
-    the config's) is a budget of CPU minutes of this process for the whole run, resumes included.
+    An ``export_dir`` that already holds a model or its files (a shipped checkpoint, say) is refused before any
+    training unless ``replace``; replacing drops its reference statistics, histogram and card, which described the
+    old weights, once the new files are written (a failed export leaves the old checkpoint whole). The run folder
+    is locked for the call (a second run there is refused), and a fresh run never appends to another run's
+    log.jsonl (``replace`` replaces it). ``max_steps`` stops early (for tests: simulates a kill) without
+    exporting. ``max_minutes`` (else the config's) is a budget of CPU minutes of this process for the whole run,
+    resumes included.
     Returns a summary dict (the same on every rank when run under torchrun).
     """
-    from tqdm.auto import tqdm
-
     device = dist.init(device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
+    # rank 0 alone holds the lock: under torchrun every rank trains in the same folder, as one run
+    lock = lock_run_folder(run_dir) if dist.is_main() else None
+    try:
+        if dist.is_main():
+            _check_fresh_log(run_dir, resume, replace)
+        return _train(cfg, run_dir, out, resume, data_dir, max_minutes, max_steps, progress, device)
+    finally:
+        if lock is not None:  # released here, not whenever a traceback holding this frame is dropped
+            lock.close()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, out: Path, resume: bool, data_dir: str | None,
+           max_minutes: float | None, max_steps: int | None, progress: bool, device: str) -> dict[str, Any]:
+    """The body of :func:`train`, in a run folder this process holds."""
+    from tqdm.auto import tqdm
+
     run = _start(cfg, run_dir, resume, data_dir, device)
     pos, total_steps = run.pos, run.pos["total_steps"]
     budget = max_minutes if max_minutes is not None else cfg.max_minutes

@@ -6,11 +6,13 @@ Loading never unpickles: weights are safetensors, metadata is JSON, reference st
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "atomic_write",
     "save",
+    "staged_checkpoint",
     "load",
     "resolve",
     "checkpoints_dir",
@@ -34,6 +37,8 @@ __all__ = [
     "list_checkpoints",
     "paired_feature_flow",
     "read_config",
+    "check_reference_summary",
+    "MAX_DRAWS",
     "FOLDER_FILES",
     "DERIVED_FILES",
 ]
@@ -98,7 +103,9 @@ def list_checkpoints(root: Path | None = None) -> list[str]:
     names: set[str] = set()
     for folder in [root] if root is not None else checkpoint_roots():
         if folder.is_dir():
-            names |= {p.name for p in folder.iterdir() if _is_checkpoint(p)}
+            # hidden folders are work in progress (a fetch's or an export's staging, ``.NAME.xxxx.part``): a killed
+            # one may hold complete-looking files, but it is not a model anyone chose to keep
+            names |= {p.name for p in folder.iterdir() if not p.name.startswith(".") and _is_checkpoint(p)}
     return sorted(names)
 
 
@@ -220,12 +227,80 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     if (path / CONFIG).is_file():
         try:
             old = json.loads((path / CONFIG).read_text())
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             old = {}
-    meta = {k: v for k, v in old.items() if k != "model"}
+    meta = {k: v for k, v in old.items() if k != "model"} if isinstance(old, dict) else {}
     meta.update(metadata)
     write_json(path / CONFIG, {"model": model.config.to_dict(), **meta})
     return path
+
+
+# keys of config.json computed from the weights (by flowcore evaluate): stale once the weights change
+DERIVED_CONFIG_KEYS = ("reference", "data_note")
+STAGING_SUFFIX = ".staging"
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_checkpoint(folder: str | os.PathLike) -> Iterator[Path]:
+    """Rewrite the checkpoint folder ``folder`` all or nothing: write the new files into the yielded hidden staging
+    folder beside it (``.NAME.xxxx.staging``, same file system); they are moved in only when the block ends
+    without an exception. Until then nothing in ``folder`` is touched, so a full disk or a kill while writing leaves
+    the old checkpoint (weights, statistics, card) intact, and the staging folder is removed.
+
+    The staging folder starts with the old ``config.json`` less what described the old weights
+    (:data:`DERIVED_CONFIG_KEYS`), so :func:`save` keeps the folder's own keys (a linked ``background``, say). On
+    success the old derived files (:data:`DERIVED_FILES`) that the new set does not replace are removed: they
+    describe weights that are gone. Files of other names in ``folder`` are left alone."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder, cannot hold a checkpoint")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING_SUFFIX, dir=folder.parent))
+    try:
+        old = _read_json_dict(folder / CONFIG)
+        if old:
+            write_json(stage / CONFIG, {k: v for k, v in old.items() if k not in DERIVED_CONFIG_KEYS})
+        yield stage
+        _swap_in(stage, folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _read_json_dict(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return obj if isinstance(obj, dict) else {}
+
+
+def _swap_in(stage: Path, folder: Path) -> None:
+    """Move every file of the complete ``stage`` into ``folder`` (a rename each: no copying, no disk space needed).
+    The stale derived files go first and the weights last, so a reader never sees new weights beside statistics
+    of the old ones; what it may see for the microseconds of the renames is a folder still missing them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    new = {p.name for p in stage.iterdir()}
+    for derived in DERIVED_FILES:
+        if derived not in new:
+            (folder / derived).unlink(missing_ok=True)
+    for name in sorted(new, key=lambda n: n == WEIGHTS):
+        os.replace(stage / name, folder / name)
+    _fsync_dir(folder)
 
 
 def read_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
@@ -236,11 +311,38 @@ def read_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{cfg_path}: missing config.json")
     try:
         cfg = json.loads(cfg_path.read_text())
+    except RecursionError:  # '[' * 100_000: the parser's stack, not a config
+        raise CheckpointError(f"{cfg_path}: nested too deeply to be a checkpoint config") from None
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{cfg_path}: no 'model' section")
+    check_reference_summary(cfg, cfg_path)
     return cfg
+
+
+MAX_DRAWS = 64  # dequantization draws a reference may ask every scored image for (each is a full model pass)
+
+
+def _whole(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def check_reference_summary(cfg: dict[str, Any], where: str | os.PathLike = CONFIG) -> None:
+    """Refuse a ``reference`` summary that scoring could not follow: ``flowcore score`` and the dashboard run
+    ``n_draws`` model passes per image with ``seed`` (so 100000 draws would hang them, and ``null`` or a string
+    would fail deep inside with a traceback). One :class:`CheckpointError` line instead."""
+    if "reference" not in cfg:
+        return
+    summary = cfg["reference"]
+    if not isinstance(summary, dict):
+        raise CheckpointError(f"{where}: 'reference' must be a table (written by flowcore evaluate), got "
+                              f"{type(summary).__name__}")
+    if "n_draws" in summary and not _whole(summary["n_draws"], 1, MAX_DRAWS):
+        raise CheckpointError(f"{where}: reference n_draws must be a whole number in 1..{MAX_DRAWS}, got "
+                              f"{summary['n_draws']!r:.40}")
+    if "seed" in summary and not _whole(summary["seed"], 0, 2**63 - 1):
+        raise CheckpointError(f"{where}: reference seed must be a whole number >= 0, got {summary['seed']!r:.40}")
 
 
 def _check_shapes(weights: Path, flow_cfg: FlowConfig) -> None:
