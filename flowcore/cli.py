@@ -33,8 +33,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ValueError("give a config file (flowcore train CONFIG) or a folder of your images "
                          "(flowcore train --images DIR --name NAME)")
-    own_only = [flag for flag, value in (("--name", args.name), ("--ood-images", args.ood_images),
-                                         ("--preset", args.preset), ("--size", args.size), ("--color", args.color))
+    own_only = [flag for flag, value in (("--name", args.name), ("--ood", args.ood),
+                                         ("--preset", args.preset), ("--size", args.size), ("--gray", args.gray),
+                                         ("--color", args.color))
                 if value not in (None, False, [])]
     if own_only:
         raise ValueError(f"{', '.join(own_only)} only apply with --images DIR")
@@ -95,8 +96,9 @@ def _train_on_images(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(config_only)} only apply with a config file, not with --images")
     if args.device != "cpu":
         raise ValueError("--images trains on the CPU; leave out --device")
-    summary = train_on_images(args.images, args.name, args.ood_images or [], preset=args.preset or "quick",
-                              size=args.size or 28, gray=not args.color, replace=args.replace,
+    summary = train_on_images(args.images, args.name, args.ood or [], preset=args.preset or "quick",
+                              size=args.size or 28, gray=True if args.gray else False if args.color else None,
+                              replace=args.replace,
                               progress=not args.no_progress, max_minutes=args.max_minutes)
     print(json.dumps(summary, indent=1))
     return 0
@@ -327,12 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--images", default=None, metavar="DIR",
                    help="train on your own images: every image below DIR (subfolders too); a tenth is held out")
     t.add_argument("--name", default=None, help="with --images: the model's name in your zoo")
-    t.add_argument("--ood-images", nargs="*", default=None, metavar="DIR",
+    t.add_argument("--ood", nargs="+", default=None, metavar="DIR",
                    help="with --images: folders of images the model should call OOD (measured as AUROCs)")
     t.add_argument("--preset", default=None, choices=["quick", "standard"],
                    help="with --images: quick (about 5 CPU-minutes) or standard (about 50)")
     t.add_argument("--size", type=int, default=None, choices=[28, 32], help="with --images: side in pixels (28)")
-    t.add_argument("--color", action="store_true", help="with --images: keep RGB (default grayscale)")
+    colour = t.add_mutually_exclusive_group()
+    colour.add_argument("--gray", action="store_true",
+                        help="with --images: train on grayscale (default: grayscale when every image is)")
+    colour.add_argument("--color", action="store_true", help="with --images: train on RGB")
     t.add_argument("--run-dir", default=None, help="run folder (default runs/NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run saved in the run folder")
     t.add_argument("--data-dir", default=None, help="dataset root (default $FLOWCORE_DATA_DIR)")

@@ -17,6 +17,7 @@ import dataclasses
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,13 @@ from ..data.images import ImageError, decode_image, display_path, find_image_fil
 from ..training.train import TrainConfig
 from ..zoo.checkpoints import atomic_write, cache_dir, list_checkpoints, read_config, write_json
 
-__all__ = ["PRESETS", "MIN_IMAGES", "MIN_TEST", "ImageSet", "read_image_folder", "own_config", "train_on_images"]
+__all__ = ["PRESETS", "MIN_IMAGES", "MIN_TEST", "ImageSet", "read_image_folder", "all_single_channel", "own_config",
+           "check_name", "train_on_images"]
 
 MIN_IMAGES = 50  # fewer cannot both train a flow and leave a test set that measures anything
 MIN_TEST = 20
 TEST_FRACTION = 0.1
+SINGLE_CHANNEL_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"}  # a palette (P) may hold colours
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # quick: a small RealNVP, 5 minutes of training at most (AUROC 0.99 of 600 MNIST digits against Fashion-MNIST,
@@ -66,6 +69,14 @@ class ImageSet:
         return text
 
 
+def _below(root: Path, path: str | os.PathLike) -> str:
+    """A file's path as the user knows it: below the folder they gave."""
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return display_path(path)
+
+
 def read_image_folder(path: str | os.PathLike, image_shape: tuple[int, int, int]) -> ImageSet:
     """Every readable image below ``path`` at ``image_shape`` (sorted by path, so the same folder always gives the
     same array); unreadable and non-image files are skipped and counted, never fatal."""
@@ -75,7 +86,7 @@ def read_image_folder(path: str | os.PathLike, image_shape: tuple[int, int, int]
     files, problems = find_image_files([root])
     skipped = list(problems)
     listed = {Path(f) for f in files}
-    skipped += [(display_path(p), "not an image file (by its name)") for p in sorted(root.rglob("*"))
+    skipped += [(_below(root, p), "not an image file (by its name)") for p in sorted(root.rglob("*"))
                 if p.is_file() and p not in listed and not p.name.startswith(".")]
     arrays, modes, resized = [], Counter(), 0
     for f in files:
@@ -83,13 +94,19 @@ def read_image_folder(path: str | os.PathLike, image_shape: tuple[int, int, int]
             image = decode_image(f)
             arrays.append(preprocess(image, image_shape, invert=False).array)
         except (ImageError, OSError) as e:
-            skipped.append((display_path(f), str(e)))
+            skipped.append((_below(root, f), str(e).removeprefix(f"{Path(f).name}: ")))
             continue
         modes[image.mode] += 1
         resized += image.size != (image_shape[2], image_shape[1])
     shape = (0, image_shape[1], image_shape[2]) + ((3,) if image_shape[0] == 3 else ())
     images = np.stack(arrays) if arrays else np.zeros(shape, np.uint8)
     return ImageSet(images, skipped, dict(modes), resized)
+
+
+def all_single_channel(found: ImageSet) -> bool:
+    """Whether every image read was single-channel (grayscale, 16-bit, binary): then a grayscale flow loses
+    nothing, and an RGB one would model three copies of one channel."""
+    return bool(found.modes) and set(found.modes) <= SINGLE_CHANNEL_MODES
 
 
 def own_config(name: str, preset: str, image_shape: tuple[int, int, int], dataset: str, ood: list[str],
@@ -108,7 +125,9 @@ def own_config(name: str, preset: str, image_shape: tuple[int, int, int], datase
     })
 
 
-def _check_name(name: str, replace: bool) -> Path:
+def check_name(name: str, replace: bool) -> Path:
+    """The folder a model of this name gets in the user's zoo; a bad name, a shipped model's name, or (without
+    ``replace``) a name the user's zoo already holds is refused with one line."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ValueError(f"name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
     zoo = cache_dir() / "checkpoints"
@@ -127,13 +146,22 @@ def train_on_images(
     ood_dirs: list[str | os.PathLike] | None = None,
     preset: str = "quick",
     size: int = 28,
-    gray: bool = True,
+    gray: bool | None = None,
     replace: bool = False,
     progress: bool = False,
     max_minutes: float | None = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any], Callable[[np.ndarray], np.ndarray]], None] | None = None,
+    on_phase: Callable[[str, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Read, split, train, export and evaluate (see the module doc). Returns a summary with the checkpoint's
-    folder, the counts of each set and the AUROCs against each OOD folder."""
+    """Read, split, train, export and evaluate (see the module doc). ``gray=None`` trains on grayscale when every
+    readable image is single-channel, else on RGB. Returns a summary with the checkpoint's folder, the counts of
+    each set and the AUROCs against each OOD folder.
+
+    ``resume`` continues the run a killed call left in the work folder (same images, same preset), ``on_epoch`` is
+    :func:`flowcore.training.train.train`'s, and ``on_phase(phase, facts)`` is told when reading ends
+    (``"read"``: counts and the held-out and OOD images, uint8), training ends (``"trained"``) and evaluation ends
+    (``"evaluated"``)."""
     from ..training.train import train
     from .evaluate import evaluate
 
@@ -141,9 +169,13 @@ def train_on_images(
         raise ValueError(f"size must be 28 or 32, got {size}")
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    export = _check_name(name, replace)
+    export = check_name(name, replace)
+    found = read_image_folder(images_dir, (1 if gray or gray is None else 3, size, size))
+    if gray is None:
+        gray = all_single_channel(found)
+        if not gray:
+            found = read_image_folder(images_dir, (3, size, size))
     shape = (1 if gray else 3, size, size)
-    found = read_image_folder(images_dir, shape)
     if len(found.images) < MIN_IMAGES:
         raise ValueError(f"{display_path(images_dir)}: {len(found.images)} readable images; at least {MIN_IMAGES} "
                          f"are needed to train and keep a test set ({found.summary()})")
@@ -169,7 +201,16 @@ def train_on_images(
     cfg = own_config(name, preset, shape, f"npz:{data}", ood, len(x_train))
     if max_minutes is not None:
         cfg = dataclasses.replace(cfg, max_minutes=max_minutes)
-    summary = train(cfg, run_dir=work / "run", export_dir=export, replace=True, progress=progress)
+    if on_phase is not None:
+        on_phase("read", {"read": found.summary(), "train_images": len(x_train), "test_images": len(x_test),
+                          "x_test": x_test, "ood": {label: np.load(o[4:])["x_test"]
+                                                    for label, o in zip(ood_notes, ood, strict=True)}})
+    run_dir = work / "run"
+    resume = resume and (run_dir / "state.pt").is_file()
+    summary = train(cfg, run_dir=run_dir, export_dir=export, replace=True, progress=progress, resume=resume,
+                    on_epoch=on_epoch)
+    if on_phase is not None:
+        on_phase("trained", {"test_bpd": summary.get("test_bpd"), "stopped_by": summary.get("stopped_by")})
     result = evaluate(export, ood=ood, train_subset=min(2000, len(x_train)), progress=progress)
     stored = read_config(export)
     stored["own_data"] = {
@@ -179,6 +220,8 @@ def train_on_images(
                          f"cropped to {size}x{size}, never inverted: the Score page's preprocessing",
     }
     write_json(export / "config.json", stored)
+    if on_phase is not None:
+        on_phase("evaluated", {"auroc": (result.get("auroc") or {}).get("likelihood", {})})
     return {"checkpoint": str(export), "train_images": len(x_train), "test_images": len(x_test),
             "skipped": len(found.skipped), "read": found.summary(), "stopped_by": summary.get("stopped_by"),
             "test_bpd": summary.get("test_bpd"), "auroc": (result.get("auroc") or {}).get("likelihood", {})}

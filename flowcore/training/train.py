@@ -28,6 +28,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any
@@ -442,6 +443,17 @@ class _Run:
         with st_precision(self.model, "fp32"):
             return self._test_bpd()
 
+    def log_likelihoods(self, images: np.ndarray) -> np.ndarray:
+        """log P(x) in nats of uint8 ``images`` under the model as it is now, evaluated like the test set (float32,
+        eval mode, the run's seed), then back to training mode. Single process only."""
+        with st_precision(self.model, "fp32"):
+            self.model.eval()
+            try:
+                return np.asarray(log_likelihood_nats(self.model, images, seed=self.cfg.seed, batch_size=256,
+                                                      device=self.device))
+            finally:
+                _train_mode(self.model, self.cfg)
+
     def _test_bpd(self) -> float:
         self.model.eval()
         if self.world > 1:
@@ -667,8 +679,13 @@ def train(
     progress: bool = True,
     device: str = "cpu",
     replace: bool = False,
+    on_epoch: Callable[[dict[str, Any], Callable[[np.ndarray], np.ndarray]], None] | None = None,
 ) -> dict[str, Any]:
     """Train (or resume) a run; export to ``export_dir`` (default ``RUN_DIR/checkpoint``) when finished.
+
+    ``on_epoch(record, log_likelihood)``, single process only, is called after each epoch with the epoch's log
+    record (``epoch``, ``epochs``, ``test_bpd``, ``elapsed``, ``budget_minutes``) and a function giving log P(x) in
+    nats of uint8 images under the model of that moment (how the own-data page draws its live histogram).
 
     An ``export_dir`` that already holds a model or its files (a shipped checkpoint, say) is refused before any
     training unless ``replace``; replacing drops its reference statistics, histogram and card, which described the
@@ -690,14 +707,18 @@ def train(
     try:
         if dist.is_main():
             _check_fresh_log(run_dir, resume, replace)
-        return _train(cfg, run_dir, out, resume, data_dir, max_minutes, max_steps, progress, device)
+        if on_epoch is not None and dist.world_size() > 1:
+            raise ValueError("on_epoch is for single-process runs")
+        return _train(cfg, run_dir, out, resume, data_dir, max_minutes, max_steps, progress, device, on_epoch)
     finally:
         if lock is not None:  # released here, not whenever a traceback holding this frame is dropped
             lock.close()
 
 
 def _train(cfg: TrainConfig, run_dir: Path, out: Path, resume: bool, data_dir: str | None,
-           max_minutes: float | None, max_steps: int | None, progress: bool, device: str) -> dict[str, Any]:
+           max_minutes: float | None, max_steps: int | None, progress: bool, device: str,
+           on_epoch: Callable[[dict[str, Any], Callable[[np.ndarray], np.ndarray]], None] | None = None,
+           ) -> dict[str, Any]:
     """The body of :func:`train`, in a run folder this process holds."""
     from tqdm.auto import tqdm
 
@@ -744,6 +765,9 @@ def _train(cfg: TrainConfig, run_dir: Path, out: Path, resume: bool, data_dir: s
             run.log(event="epoch", epoch=pos["epoch"], test_bpd=round(bpd, 5), elapsed=round(run.elapsed(), 1))
             if run.main:
                 bar.write(f"epoch {pos['epoch']}: test bpd {bpd:.4f}")
+            if on_epoch is not None:
+                on_epoch({"epoch": pos["epoch"], "epochs": cfg.epochs, "test_bpd": bpd, "elapsed": run.elapsed(),
+                          "budget_minutes": budget}, run.log_likelihoods)
             run.save_state()
             last_save = time.time()
     bar.close()
