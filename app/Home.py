@@ -24,6 +24,7 @@ PAGES = {
         st.Page("views/compare.py", title="Compare models", icon=":material/compare:"),
         st.Page("views/perturb.py", title="Perturbation explorer", icon=":material/tune:"),
         st.Page("views/features.py", title="What works: flows on features", icon=":material/verified:"),
+        st.Page("views/train_own.py", title="Train on your images", icon=":material/model_training:"),
     ],
     "Inside the flow": [
         st.Page("views/latents.py", title="Latents", icon=":material/grid_on:"),

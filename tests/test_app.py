@@ -108,6 +108,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FLOWCORE_CHECKPOINTS", str(root / "checkpoints"))
         mp.setenv("FLOWCORE_DATA_DIR", str(root / "data"))
+        mp.setenv("FLOWCORE_CACHE", str(root / "cache"))  # the user's own models and jobs: none but the tests'
         mp.delenv("FLOWCORE_DEFAULT_CHECKPOINT", raising=False)
         yield make_tiny_setup(root)
 
@@ -117,6 +118,7 @@ def env(tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[Path,
     ckpts, data = tiny
     monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(ckpts))
     monkeypatch.setenv("FLOWCORE_DATA_DIR", str(data))
+    monkeypatch.setenv("FLOWCORE_CACHE", str(ckpts.parent / "cache"))
     monkeypatch.delenv("FLOWCORE_DEFAULT_CHECKPOINT", raising=False)
     return tiny
 
@@ -255,6 +257,7 @@ VIEWS = {
     "samples": 1,
     "guide": 0,
     "tour": 0,
+    "train_own": 0,
 }
 
 
@@ -845,3 +848,51 @@ def test_latents_page_shows_each_scales_latents_with_its_own_correlation(env: tu
     z = state.latent_map("fashion_realnvp", image, 40, "eval")
     r = latent_image_correlation(image, np.where(labels == 0, z, np.nan))
     assert titles[0].endswith(f"r = {r:.2f}")
+
+
+def test_train_own_page_refuses_an_empty_request_and_draws_a_real_job(env: tuple[Path, Path]) -> None:
+    """The page submits nothing without images (one line, no job), then draws a job trained for real in its own
+    process: state, progress, the live histogram, the AUROC and bpd curves, the measured sentence, and a button
+    that opens the new model in the sidebar's picker."""
+    import time
+
+    from flowcore.ood import jobs
+
+    at = start()
+    at.switch_page("views/train_own.py").run()
+    assert not at.exception, at.exception
+    submit = next(b for b in at.get("button") if "Start training" in str(b.proto.label))
+    submit.click().run()
+    assert not at.exception, at.exception
+    assert [e.value for e in at.error] == ["0 image files uploaded; at least 50 are needed to train and keep a "
+                                           "test set (a zip of a folder works too)"]
+    assert jobs.list_jobs() == []
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:28, :28]
+    blobs = [(f"{i}.png", png_bytes((255 * np.exp(-((yy - c[0]) ** 2 + (xx - c[1]) ** 2) / 18)).astype(np.uint8)))
+             for i, c in enumerate(rng.uniform(9, 19, (60, 2)))]
+    noise = [(f"n{i}.png", png_bytes(rng.integers(0, 256, (28, 28), dtype=np.uint8))) for i in range(25)]
+    job = jobs.submit("page_blobs", blobs, {"noise": noise}, gray=True, max_minutes=0.3)
+    deadline = time.time() + 240
+    while jobs.read_status(job).get("state") not in ("done", "failed") and time.time() < deadline:
+        time.sleep(0.5)
+    assert jobs.read_status(job)["state"] == "done", jobs.read_status(job)
+    at = start()
+    at.switch_page("views/train_own.py").run()  # no job of this tab: the page finds none active, shows the list
+    assert "page_blobs" in str([t.value for t in at.table])
+    at.session_state["own_data_job"] = job
+    at.run()
+    assert not at.exception, at.exception
+    assert any("page_blobs" in s.value and "done" in s.value for s in at.success)
+    assert len(at.get("plotly_chart")) == 3  # live histogram, AUROC over training, held-out bpd
+    status = jobs.read_status(job)
+    if len(status["epochs"]) >= 2:  # the sentence quotes the recorded medians
+        first, last = status["epochs"][0], status["epochs"][-1]
+        change = last["median_log_likelihood"]["test"] - first["median_log_likelihood"]["test"]
+        assert f"held-out {'rose' if change > 0 else 'fell'} by {abs(change):,.1f} nats" in texts(at)
+    opener = next(b for b in at.get("button") if "Open it" in str(b.proto.label))
+    opener.click().run()
+    assert at.sidebar.selectbox(key=state.CHECKPOINT_KEY).value == "page_blobs"
+    at.switch_page("views/score.py").run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]

@@ -18,7 +18,7 @@ from flowcore.cli import build_parser, main
 from flowcore.ood import jobs, own_data
 from flowcore.ood.evaluate import load_reference
 from flowcore.ood.scores import auroc
-from flowcore.zoo.checkpoints import cache_dir, list_checkpoints, read_config
+from flowcore.zoo.checkpoints import cache_dir, list_checkpoints, own_models_dir, read_config
 
 
 def blob_image(rng: np.random.Generator, size: int = 28) -> Image.Image:
@@ -69,7 +69,7 @@ def test_read_image_folder_counts_what_it_skips_and_converts(folders):
 def test_train_on_images_gives_a_scored_model_in_the_users_zoo(folders, capsys):
     mine, other = folders
     result = own_data.train_on_images(mine, "my_blobs", [other], gray=True, max_minutes=0.15)
-    export = cache_dir() / "checkpoints" / "my_blobs"
+    export = own_models_dir() / "my_blobs"
     assert result["checkpoint"] == str(export)
     assert result["train_images"] + result["test_images"] == 61 and result["test_images"] == own_data.MIN_TEST
     assert result["skipped"] == 2 and np.isfinite(result["test_bpd"])
@@ -108,7 +108,7 @@ def test_bad_requests_get_one_clear_message_and_create_nothing(folders, tmp_path
         blob_image(rng).save(few / f"{i}.png")
     with pytest.raises(ValueError, match=f"{own_data.MIN_IMAGES - 1} readable images; at least {own_data.MIN_IMAGES}"):
         own_data.train_on_images(few, "too_few")
-    with pytest.raises(ValueError, match="shipped model"):
+    with pytest.raises(ValueError, match="model in the zoo"):
         own_data.train_on_images(mine, "fashion_realnvp")
     with pytest.raises(ValueError, match="name"):
         own_data.train_on_images(mine, "../escape")
@@ -116,8 +116,8 @@ def test_bad_requests_get_one_clear_message_and_create_nothing(folders, tmp_path
     empty.mkdir()
     with pytest.raises(ValueError, match="holds no readable image"):
         own_data.train_on_images(mine, "no_ood", [empty])
-    assert not (cache_dir() / "checkpoints" / "too_few").exists()
-    assert not (cache_dir() / "checkpoints" / "no_ood").exists()
+    assert not (own_models_dir() / "too_few").exists()
+    assert not (own_models_dir() / "no_ood").exists()
     for argv, message in [
         (["train", "--images", str(mine)], "--images needs --name"),
         (["train"], "give a config file"),

@@ -325,9 +325,10 @@ def run_job(job: Path) -> int:
                        record["elapsed"] / (60 * budget) if budget else 0.0)
             done = min(done, 1.0)
             wall = time.time() - started
+            medians = {label: round(float(np.median(v)), 3) for label, v in scores.items()}
             epochs = _read_json(_status_path(job)).get("epochs", []) + [
                 {"epoch": record["epoch"], "test_bpd": round(record["test_bpd"], 5), "auroc": aurocs,
-                 "wall_s": round(wall, 1)}]
+                 "median_log_likelihood": medians, "wall_s": round(wall, 1)}]
             _write_status(job, epochs=epochs, progress=round(0.95 * done, 4),
                           eta_s=round(wall * (1 - done) / done, 1) if done > 0 else None,
                           message=f"epoch {record['epoch']}: held-out bpd {record['test_bpd']:.3f}")

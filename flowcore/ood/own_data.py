@@ -7,7 +7,7 @@ checkpoint in the per-user zoo that every page and ``flowcore score NAME`` find.
 2. A seeded tenth (at least :data:`MIN_TEST` images) is held out as the test set; the rest trains.
 3. The images are stored as an npz under ``$FLOWCORE_CACHE/own_data/NAME/`` and trained on like any dataset
    (``npz:PATH``), with bfloat16 st-nets; OOD folders become npz test sets the same way.
-4. The checkpoint is exported to ``$FLOWCORE_CACHE/checkpoints/NAME`` and evaluated on the held-out images and the
+4. The checkpoint is exported to ``$FLOWCORE_CACHE/own_models/NAME`` and evaluated on the held-out images and the
    OOD folders, so its reference statistics, AUROC table and card exist at once.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from ..data.images import ImageError, decode_image, display_path, find_image_files, preprocess
 from ..training.train import TrainConfig
-from ..zoo.checkpoints import atomic_write, cache_dir, list_checkpoints, read_config, write_json
+from ..zoo.checkpoints import atomic_write, cache_dir, list_checkpoints, own_models_dir, read_config, write_json
 
 __all__ = ["PRESETS", "MIN_IMAGES", "MIN_TEST", "ImageSet", "read_image_folder", "all_single_channel", "own_config",
            "check_name", "train_on_images"]
@@ -130,13 +130,12 @@ def check_name(name: str, replace: bool) -> Path:
     ``replace``) a name the user's zoo already holds is refused with one line."""
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ValueError(f"name {name!r}: use 1-64 letters, digits, '_', '-' or '.', starting with a letter or digit")
-    zoo = cache_dir() / "checkpoints"
-    mine = zoo / name
+    mine = own_models_dir() / name
     if name in list_checkpoints() and not (mine / "config.json").is_file():
-        raise ValueError(f"{name!r} is a shipped model's name; pick another name (a shipped model is never "
-                         "replaced)")
+        raise ValueError(f"{name!r} is the name of a model in the zoo; pick another name (a shipped or fetched "
+                         "model is never replaced)")
     if (mine / "config.json").is_file() and not replace:
-        raise FileExistsError(f"your zoo already holds {name!r} ({mine}); pass --replace to train it again")
+        raise FileExistsError(f"your models already include {name!r} ({mine}); pass --replace to train it again")
     return mine
 
 

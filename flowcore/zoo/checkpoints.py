@@ -33,6 +33,7 @@ __all__ = [
     "resolve",
     "checkpoints_dir",
     "checkpoint_roots",
+    "own_models_dir",
     "cache_dir",
     "list_checkpoints",
     "paired_feature_flow",
@@ -77,15 +78,22 @@ def _source_checkout_checkpoints() -> Path | None:
     return repo / "checkpoints" if (repo / "pyproject.toml").is_file() and (repo / "checkpoints").is_dir() else None
 
 
+def own_models_dir() -> Path:
+    """Where the models the user trained on their own images live (``flowcore train --images``, the dashboard's
+    "Train on your images"): ``$FLOWCORE_CACHE/own_models``, apart from the fetched zoo, so that their names can
+    never shadow or be shadowed by a shipped model's."""
+    return cache_dir() / "own_models"
+
+
 def checkpoint_roots() -> list[Path]:
-    """Where bare checkpoint names are looked up, in order: ``$FLOWCORE_CHECKPOINTS`` alone when set; else the
+    """Where bare checkpoint names are looked up, in order: ``$FLOWCORE_CHECKPOINTS`` when set, else the
     repository's ``checkpoints/`` (a source checkout), the per-user zoo (``flowcore zoo fetch``) and the model
-    bundled with the package."""
+    bundled with the package; in both cases the user's own models (:func:`own_models_dir`) too."""
     env = os.environ.get("FLOWCORE_CHECKPOINTS")
     if env:
-        return [Path(env)]
+        return [Path(env), own_models_dir()]
     repo = _source_checkout_checkpoints()
-    return [*([repo] if repo else []), cache_dir() / "checkpoints", BUNDLED]
+    return [*([repo] if repo else []), cache_dir() / "checkpoints", own_models_dir(), BUNDLED]
 
 
 def checkpoints_dir() -> Path:
