@@ -67,6 +67,7 @@ PAGES = (
     PageSpec("compare", "compare", "Compare models", 2),
     PageSpec("perturb", "perturb", "Perturbation explorer", 2),
     PageSpec("features", "features", "What works: flows on features", 0),
+    PageSpec("train_own", "train_own", "Train on your images", 0),
     PageSpec("latents", "latents", "Latents", 1),
     PageSpec("couplings", "couplings", "Coupling layers", 1),
     PageSpec("receptive_field", "receptive_field", "Receptive field", 2),

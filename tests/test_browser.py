@@ -57,7 +57,8 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
     root = tmp_path_factory.mktemp("flowcore_browser")
     ckpts, data = make_tiny_setup(root)
     add_feature_flow(ckpts, data, root / "cache")
-    env = {"FLOWCORE_CHECKPOINTS": str(ckpts), "FLOWCORE_DATA_DIR": str(data), "FLOWCORE_DEFAULT_CHECKPOINT": None}
+    env = {"FLOWCORE_CHECKPOINTS": str(ckpts), "FLOWCORE_DATA_DIR": str(data), "FLOWCORE_DEFAULT_CHECKPOINT": None,
+           "FLOWCORE_CACHE": str(root / "cache"), "FLOWCORE_TRAIN_MINUTES_CAP": "0.4"}
     env["OMP_NUM_THREADS"] = "1"  # like conftest.py: on a shared machine one torch thread is much faster here
     with shots.serve(env, log=root / "streamlit.log") as url:
         yield App(url, ckpts / "fashion_realnvp")
@@ -379,3 +380,85 @@ def test_a_fresh_set_up_without_data_works_from_the_bundled_examples(app: App, b
             assert list(visits) == [s.name for s in shots.PAGES]
         finally:
             ctx.close()
+
+
+def blob_zip(folder: Path, n: int, noise: bool = False, seed: int = 0) -> Path:
+    """A zip of ``n`` 28x28 PNGs in a subfolder: bright blobs on black, or uniform noise."""
+    import io
+    import zipfile
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:28, :28]
+    path = folder / ("noise.zip" if noise else f"blobs{seed}.zip")
+    with zipfile.ZipFile(path, "w") as z:
+        for i in range(n):
+            if noise:
+                a = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+            else:
+                cy, cx = rng.uniform(9, 19, 2)
+                a = (255 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 18)).astype(np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            z.writestr(f"set/{i}.png", buf.getvalue())
+    return path
+
+
+def start_own_training(page: Any, url: str, name: str, images: Path, ood: Path | None) -> None:
+    shots.open_app(page, url.rstrip("/") + "/train_own")
+    main = page.locator('[data-testid="stMain"]')
+    inputs = main.locator('input[type="file"]')
+    chips = main.locator(':is([data-testid="stFileChipName"], [data-testid="stFileUploaderFileName"])')
+    inputs.nth(0).set_input_files(str(images))
+    chips.filter(has_text=images.stem).first.wait_for(timeout=TIMEOUT)  # uploaded before the form is sent
+    if ood is not None:
+        inputs.nth(1).set_input_files(str(ood))
+        chips.filter(has_text=ood.stem).first.wait_for(timeout=TIMEOUT)
+    main.get_by_role("textbox", name="Name of your model").fill(name)
+    main.get_by_text("grayscale", exact=True).click()
+    main.get_by_role("button", name="Start training").click()
+
+
+def test_train_own_page_trains_live_queues_a_second_session_and_opens_the_model(
+    app: App, new_page: Any, tmp_path: Path
+) -> None:
+    """The page in Chromium: a zip upload, the quick preset (capped by FLOWCORE_TRAIN_MINUTES_CAP on this server),
+    progress seen, the live histogram redrawn for at least two epochs, a second tab queued behind it and told so,
+    then the model opened in the picker and scored on the Score page."""
+    from playwright.sync_api import expect
+
+    blobs, noise = blob_zip(tmp_path, 60), blob_zip(tmp_path, 25, noise=True)
+    page = new_page()
+    start_own_training(page, app.url, "browser_blobs", blobs, noise)
+    main = page.locator('[data-testid="stMain"]')
+    expect(main.locator('[data-testid="stProgress"]')).to_be_visible(timeout=TIMEOUT)
+    second = new_page()
+    start_own_training(second, app.url, "browser_second", blob_zip(tmp_path, 55, seed=1), None)
+    expect(second.locator('[data-testid="stMain"]')).to_contain_text("1 ahead of yours", timeout=TIMEOUT)
+    seen = set()
+    epoch_text = re.compile(r"after epoch (\d+)")
+    for _ in range(240):  # the page redraws itself every 2 s: collect the epochs its live histogram showed
+        m = epoch_text.search(shots.main_text(page))
+        if m:
+            seen.add(int(m.group(1)))
+        if "is in your zoo" in shots.main_text(page):
+            break
+        page.wait_for_timeout(250)
+    assert len(seen) >= 2, seen
+    expect(main).to_contain_text("is in your zoo", timeout=TIMEOUT)
+    shots.wait_idle(page, TIMEOUT)
+    page.locator(".st-key-own_histogram .js-plotly-plot").wait_for(timeout=TIMEOUT)
+    hists = [t["name"] for t in plotly_traces(page, "own_histogram") if t["type"] == "histogram"]
+    assert [h.split(" ")[0] for h in hists] == ["test", "ood"], hists  # held-out and the OOD set
+    main.get_by_role("button", name="Open it in the Model picker").click()
+    sidebar = page.locator('[data-testid="stSidebar"]')
+    expect(sidebar.get_by_role("combobox", name="Model")).to_have_value(re.compile("browser_blobs"), timeout=TIMEOUT)
+    main.get_by_role("link", name="Score page").click()
+    page.get_by_role("heading", name="Score").first.wait_for(timeout=TIMEOUT)
+    shots.check_page(page)
+    # the second tab's job got the slot once the first ended; cancel it there
+    expect(second.locator('[data-testid="stMain"]')).to_contain_text("running", timeout=TIMEOUT)
+    second.locator('[data-testid="stMain"]').get_by_role("button", name="Cancel").click()
+    expect(second.locator('[data-testid="stMain"]')).to_contain_text(re.compile("cancelled|is in your zoo"),
+                                                                     timeout=TIMEOUT)

@@ -88,6 +88,7 @@ def request_form() -> None:
         return
     st.session_state[JOB_KEY] = job
     st.query_params["job"] = job  # a reload finds it
+    st.rerun()  # the job's view is drawn above the form: draw the page again with it
 
 
 def current_job() -> dict | None:

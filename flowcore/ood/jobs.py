@@ -39,7 +39,8 @@ from ..data.images import IMAGE_SUFFIXES
 from ..zoo.checkpoints import atomic_write, cache_dir, write_json
 
 __all__ = [
-    "MAX_FILES", "MAX_UNPACKED_BYTES", "LIVE_IMAGES", "JobError", "jobs_dir", "unpack_zip", "write_uploads",
+    "MAX_FILES", "MAX_UNPACKED_BYTES", "LIVE_IMAGES", "MINUTES_CAP_ENV", "JobError", "jobs_dir", "unpack_zip",
+    "write_uploads",
     "submit", "read_status", "read_live", "list_jobs", "active_job", "cancel", "retry", "run_job",
 ]
 
@@ -47,6 +48,7 @@ MAX_FILES = 20_000  # per set: far more than a quick flow needs, few enough to r
 MAX_UNPACKED_BYTES = 512 * 2**20
 LIVE_IMAGES = 500  # held-out and OOD images scored after each epoch for the live histogram (per set)
 ACTIVE = ("queued", "running")
+MINUTES_CAP_ENV = "FLOWCORE_TRAIN_MINUTES_CAP"  # at most this many CPU minutes of training per job, when set
 ENDED = ("done", "failed", "cancelled")
 
 
@@ -217,6 +219,13 @@ def submit(name: str, images: list[tuple[str, bytes]], ood: dict[str, list[tuple
     from .own_data import MIN_IMAGES, PRESETS, check_name
 
     check_name(name, replace)
+    cap = os.environ.get(MINUTES_CAP_ENV)
+    if cap:  # a shared server's operator bounds every dashboard training
+        try:
+            cap_minutes = float(cap)
+        except ValueError:
+            raise JobError(f"{MINUTES_CAP_ENV}={cap!r} is not a number of minutes") from None
+        max_minutes = min(max_minutes or PRESETS.get(preset, {}).get("max_minutes", cap_minutes), cap_minutes)
     if preset not in PRESETS:
         raise JobError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if size not in (28, 32):
