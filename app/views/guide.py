@@ -31,6 +31,15 @@ features an ImageNet classifier computes for each image (EfficientNet-Lite0 here
 Its AUROCs beside the pixel flows' on the same data, your images with both verdicts, the reference
 likelihoods and a 2-D view of the features with your images marked.
 
+**Train on your images** (Sec. 6). Does *your* data fail the same way? Upload images of one kind (several
+files or a zip) and, optionally, images the model should find unlikely; a RealNVP trains on them in its own
+process (a reload does not stop it; one training at a time per server, a second one is queued and told so).
+Every few seconds the page redraws the held-out bpd, the histogram of held-out against OOD log-likelihoods
+under the model of that moment, and the AUROC per epoch, with a sentence computed from the recorded medians:
+the paper's observation is that the OOD likelihood rises together with the in-distribution one. The finished
+model appears in the Model picker, so every other page can inspect it. `flowcore train --images DIR` does the
+same from the command line.
+
 **Inputs**. What the model is really given: each preprocessing step of your upload (mode, size, inversion),
 dataset examples, the model's own samples and a drawing canvas. Everything added here is used by every page.
 

@@ -131,6 +131,8 @@ def step_features(name: str, image: np.ndarray) -> None:
         if best != "likelihood":
             st.caption(measure.baselines_finding(flow))
     st.page_link("views/features.py", label="Score your own images with both", icon=":material/verified:")
+    st.page_link("views/train_own.py", label="Or train a flow on your own images and watch it happen",
+                 icon=":material/model_training:")
 
 
 STEPS: list[tuple[str, Callable[[str, np.ndarray], None]]] = [
