@@ -130,8 +130,14 @@ def _cifar10_note(cfg: dict) -> str:
     if cfg.get("data_note"):
         return f"- Data note: {cfg['data_note']}"
     n = cfg.get("training", {}).get("train_images", "?")
-    return (f"- Data: exact CIFAR-10 (lossless, official order), {n:,} training images; tested on the official"
-            " 10,000 test images" if isinstance(n, int) else "- Data: exact CIFAR-10 (lossless, official order)")
+    tested = ((cfg.get("reference") or {}).get("counts") or {}).get("test")
+    of_test = "the official 10,000 test images" if tested in (None, 10000) else \
+        f"the first {tested:,} of the official 10,000 test images"
+    subset = (cfg.get("train_config") or {}).get("train_subset")
+    drawn = f" (from the first {subset:,} of the official 50,000)" if isinstance(subset, int) and subset < 50000 else ""
+    return (f"- Data: exact CIFAR-10 (lossless, official order), {n:,} training images{drawn}; tested on {of_test}"
+            if isinstance(n, int) else
+            "- Data: exact CIFAR-10 (lossless, official order)")
 
 
 def _minutes(t: dict) -> str:

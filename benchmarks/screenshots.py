@@ -350,6 +350,29 @@ def visit_every_page(page: Any, folder: Path | None = None, timeout: float = 90_
     return visits
 
 
+def own_training_screenshots(url: str, browser: Any, folder: Path, timeout: float = 90_000,
+                             viewport: dict[str, int] | None = None) -> None:
+    """The "Train on your images" page on its bundled example (MNIST digits, Fashion-MNIST as OOD; needs
+    ``FLOWCORE_DATA_DIR``): ``train_own.png`` while it trains (after the third epoch), ``train_own_done.png`` when
+    the model is in the zoo."""
+    page = browser.new_page(viewport=viewport or VIEWPORT)
+    page.set_default_timeout(timeout)
+    try:
+        open_app(page, url.rstrip("/") + "/train_own", timeout)
+        main = page.locator('[data-testid="stMain"]')
+        main.get_by_text("the example: 600 MNIST digits", exact=False).click()
+        main.get_by_role("textbox", name="Name of your model").fill("my_digits")
+        main.get_by_role("button", name="Start training").click()
+        main.get_by_text("after epoch 3)").first.wait_for(timeout=10 * timeout)
+        wait_idle(page, timeout)
+        full_page_screenshot(page, folder / "train_own.png")
+        main.get_by_text("is in your zoo").first.wait_for(timeout=20 * timeout)
+        wait_idle(page, timeout)
+        full_page_screenshot(page, folder / "train_own_done.png")
+    finally:
+        page.close()
+
+
 # ---------------------------------------------------------------------------------------------- script
 
 
@@ -361,6 +384,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chromium", type=Path, default=CHROMIUM)
     parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for one page")
     parser.add_argument("--size", default=None, help="viewport WIDTHxHEIGHT, e.g. 1024x768 (a projector)")
+    parser.add_argument("--own-training", action="store_true",
+                        help="only the Train-on-your-images page, during and after a training of its bundled example "
+                             "(capped at 2 CPU minutes, in a temporary zoo)")
     args = parser.parse_args(argv)
 
     from playwright.sync_api import sync_playwright
@@ -376,7 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     timeout = 1000 * args.timeout
     with tempfile.TemporaryDirectory() as tmp:
         images = args.image or example_images(Path(tmp))
-        with serve({"FLOWCORE_DEFAULT_CHECKPOINT": args.checkpoint}, log=Path(tmp) / "streamlit.log") as url:
+        env = {"FLOWCORE_DEFAULT_CHECKPOINT": args.checkpoint}
+        if args.own_training:
+            env.update(FLOWCORE_CACHE=str(Path(tmp) / "cache"), FLOWCORE_TRAIN_MINUTES_CAP="2")
+        with serve(env, log=Path(tmp) / "streamlit.log") as url:
             with sync_playwright() as p:
                 browser = launch(p, args.chromium)
                 try:
@@ -384,6 +413,10 @@ def main(argv: list[str] | None = None) -> None:
                     if args.size:
                         width, height = (int(v) for v in args.size.lower().split("x"))
                         viewport = {"width": width, "height": height}
+                    if args.own_training:
+                        own_training_screenshots(url, browser, args.out, timeout, viewport)
+                        print(f"train_own.png and train_own_done.png in {args.out}")
+                        return
                     page = browser.new_page(viewport=viewport)
                     page.set_default_timeout(timeout)
                     open_app(page, url, timeout)
