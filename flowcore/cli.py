@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ood", nargs="+", default=None, metavar="DIR",
                    help="with --images: folders of images the model should call OOD (measured as AUROCs)")
     t.add_argument("--preset", default=None, choices=["quick", "standard"],
-                   help="with --images: quick (about 5 CPU-minutes) or standard (about 50)")
+                   help="with --images: quick (4 CPU minutes at most) or standard (50 at most)")
     t.add_argument("--size", type=int, default=None, choices=[28, 32], help="with --images: side in pixels (28)")
     colour = t.add_mutually_exclusive_group()
     colour.add_argument("--gray", action="store_true",

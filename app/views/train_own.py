@@ -22,7 +22,7 @@ from flowcore.ood.own_data import MIN_IMAGES, PRESETS
 JOB_KEY = "own_data_job"
 REFRESH_SECONDS = 2.0
 BUNDLED = {"in": ("mnist", 600), "ood": ("fashion_mnist", 300)}  # the demo: digits against clothes
-PRESET_HELP = {"quick": "a small RealNVP, at most 5 minutes of training", "standard": "a wider one, at most 50"}
+PRESET_HELP = {"quick": "a small RealNVP, about 2 minutes", "standard": "a wider one, up to 50 CPU minutes"}
 
 
 def _png_files(images: np.ndarray, prefix: str) -> list[tuple[str, bytes]]:
