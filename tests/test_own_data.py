@@ -68,7 +68,7 @@ def test_read_image_folder_counts_what_it_skips_and_converts(folders):
 
 def test_train_on_images_gives_a_scored_model_in_the_users_zoo(folders, capsys):
     mine, other = folders
-    result = own_data.train_on_images(mine, "my_blobs", [other], gray=True, max_minutes=0.15)
+    result = own_data.train_on_images(mine, "my_blobs", [other], gray=True, max_minutes=0.3)
     export = own_models_dir() / "my_blobs"
     assert result["checkpoint"] == str(export)
     assert result["train_images"] + result["test_images"] == 61 and result["test_images"] == own_data.MIN_TEST
