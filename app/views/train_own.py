@@ -184,7 +184,7 @@ def job_view(status: dict) -> None:
         st.caption(f"Read: {status['read']}. {status.get('train_images', '?')} images train, "
                    f"{status.get('test_images', '?')} are held out.")
     progress_line(status)
-    c1, c2, _ = st.columns([1, 1, 4])
+    c1, c2, _ = st.columns([2, 1, 3])
     if job_state in ("queued", "running"):
         c1.button("Cancel", key="own_cancel", on_click=_cancel, args=(job_id,))
     if job_state in ("failed", "cancelled"):
