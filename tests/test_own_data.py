@@ -233,9 +233,18 @@ def test_jobs_train_in_their_own_process_one_at_a_time_and_can_be_cancelled_and_
 def test_a_worker_that_dies_is_reported_failed(folders):
     mine, _ = folders
     images = [(p.name, p.read_bytes()) for p in sorted(mine.rglob("*.png"))]
-    job = jobs.submit("dies", images, gray=True, max_minutes=5)
+    job = jobs.submit("dies", images, gray=True, max_minutes=0.4)
     status = wait_for(job, ("running",))
+    run_log = cache_dir() / "own_data" / "dies" / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while '"event": "save"' not in (run_log.read_text() if run_log.exists() else "") and time.time() < deadline:
+        time.sleep(0.2)  # killed after its first epoch's save
     os.kill(status["pid"], signal.SIGKILL)
     failed = wait_for(job, ("failed",), timeout=30)
     assert "ended unexpectedly" in failed["message"]
     assert jobs.active_job() is None
+    # a retry resumes the saved run instead of starting over, and finishes
+    jobs.retry(job)
+    assert wait_for(job, ("done", "failed"))["state"] == "done"
+    events = [json.loads(line)["event"] for line in run_log.read_text().splitlines()]
+    assert "resume" in events and "dies" in list_checkpoints()
