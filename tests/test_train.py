@@ -454,3 +454,22 @@ def test_compile_is_validated():
         _cfg("x.npz", compile="yes")
     with pytest.raises(ValueError, match="negative training"):
         _cfg("x.npz", compile=True, negative=dict(dataset="mnist", threshold=-1e3))
+
+
+def test_a_runs_thread_setting_does_not_leak_into_the_caller(tiny_data, tmp_path):
+    """A config's ``threads`` holds during the run and is undone after it, finished or failed (a notebook or the
+    dashboard that calls train() keeps its own setting)."""
+    npz, _ = tiny_data
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    seen = []
+    train(_cfg(npz, threads=wanted, epochs=1), run_dir=tmp_path / "a", export_dir=tmp_path / "ck", progress=False,
+          on_epoch=lambda record, ll: seen.append(torch.get_num_threads()))
+    assert seen == [wanted] and torch.get_num_threads() == before
+
+    def fail(record, ll):
+        raise RuntimeError("a failure in the middle of a run")
+
+    with pytest.raises(RuntimeError):
+        train(_cfg(npz, threads=wanted, epochs=1), run_dir=tmp_path / "b", progress=False, on_epoch=fail)
+    assert torch.get_num_threads() == before

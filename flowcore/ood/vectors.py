@@ -23,7 +23,8 @@ import torch
 from ..data import embeddings
 from ..data.datasets import DatasetNotFound, load_images, set_label
 from ..flows.models import build
-from ..training.train import TABULAR, RunLog, TrainConfig, export_folder, lr_at, optimizer_for
+from ..training.distributed import torch_threads
+from ..training.train import TABULAR, RunLog, TrainConfig, export_folder, lock_run_folder, lr_at, optimizer_for
 from ..zoo.checkpoints import KNN, PROJECTION, atomic_write, cache_dir, save, staged_checkpoint
 from .knn import knn_score, normalise
 
@@ -223,8 +224,6 @@ def train_vectors(
     this process) and ``max_steps`` end it too, and the best epoch so far is exported (a run this short is
     re-run, not resumed). A flow on image features also stores a bank of its training features for the
     ``embedding_knn`` baseline (:data:`KNN`)."""
-    import copy
-
     from ..training.distributed import resolve_device
 
     if not cfg.features:
@@ -233,11 +232,19 @@ def train_vectors(
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from ..training.train import lock_run_folder
+    lock = lock_run_folder(run_dir)  # held until this call ends: a second run in this folder is refused
+    try:
+        with torch_threads(cfg.threads):
+            return _train_vectors(cfg, run_dir, out, data_dir, progress, max_minutes, max_steps, device)
+    finally:
+        lock.close()
 
-    _lock = lock_run_folder(run_dir)  # held until this call ends: a second run in this folder is refused
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+
+def _train_vectors(cfg: TrainConfig, run_dir: Path, out: Path, data_dir: str | None, progress: bool,
+                   max_minutes: float | None, max_steps: int | None, device: str) -> dict[str, Any]:
+    """The body of :func:`train_vectors`, in a run folder this process holds."""
+    import copy
+
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
     log = RunLog(run_dir / "log.jsonl")
     log(event="start", config=cfg.to_dict(), torch=torch.__version__)

@@ -16,14 +16,16 @@ Conventions used by ``train``, ``evaluate`` and ``score``:
 - Float32 throughout: likelihoods are sums of thousands of per-dimension log terms and need float32
   or better, so on GPUs TF32 (10-bit mantissa, on by default for cuDNN convolutions) is switched off
   (:func:`resolve_device`); ``FLOWCORE_ALLOW_TF32=1`` keeps torch's TF32 defaults, e.g. for faster
-  training. There is no mixed precision (autocast) anywhere in flowcore.
+  training. Every likelihood is computed in float32; only a training step's st-networks may run under
+  bfloat16 autocast (``"precision": "bf16"``, :mod:`flowcore.flows.precision`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -34,6 +36,7 @@ from torch import Tensor, nn
 from ..flows.models import log_prob_running_stats
 
 __all__ = [
+    "torch_threads",
     "env_world_size",
     "resolve_device",
     "init",
@@ -53,6 +56,20 @@ __all__ = [
     "convert_sync_batchnorm",
     "LogProb",
 ]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` (a config's ``threads``) for the block, then restored: a run's
+    setting never leaks into the process that called it (a notebook, the dashboard's scoring)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def env_world_size() -> int:

@@ -697,8 +697,6 @@ def train(
     Returns a summary dict (the same on every rank when run under torchrun).
     """
     device = dist.init(device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -709,7 +707,8 @@ def train(
             _check_fresh_log(run_dir, resume, replace)
         if on_epoch is not None and dist.world_size() > 1:
             raise ValueError("on_epoch is for single-process runs")
-        return _train(cfg, run_dir, out, resume, data_dir, max_minutes, max_steps, progress, device, on_epoch)
+        with dist.torch_threads(cfg.threads):
+            return _train(cfg, run_dir, out, resume, data_dir, max_minutes, max_steps, progress, device, on_epoch)
     finally:
         if lock is not None:  # released here, not whenever a traceback holding this frame is dropped
             lock.close()
