@@ -123,10 +123,17 @@ def env(tiny: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> tuple[Path,
     return tiny
 
 
+def ran_cleanly(at: AppTest) -> None:
+    """The run raised nothing *and* showed no error: every page turns its failures into one ``st.error`` line
+    (app/guard.py), so a page that broke shows an error, not an exception."""
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+
+
 def start() -> AppTest:
     at = AppTest.from_file(str(HOME), default_timeout=TIMEOUT)
     at.run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     return at
 
 
@@ -160,7 +167,7 @@ def test_upload_scores_and_corrupt_file_gives_clear_error(env: tuple[Path, Path]
         [("shirt.png", good, "image/png"), ("broken.png", b"this is not an image", "image/png")]
     )
     at.run()
-    assert not at.exception, at.exception
+    assert not at.exception, at.exception  # an error line is expected here: checked below
     errors = [e.value for e in at.error]
     assert any(e.startswith("broken.png:") and "not a PNG, JPEG" in e for e in errors), errors
     assert not any("Traceback" in e for e in errors)
@@ -185,7 +192,7 @@ def test_app_score_equals_cli_score_and_twins_score_alike(env: tuple[Path, Path]
          ("c.png", shirts[2], "image/png")]
     )
     at.run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     table = next(d.value for d in at.dataframe if "image" in d.value.columns)
     app_ll = dict(zip(table["image"], table["log-likelihood (nats)"], strict=True))
     assert app_ll["a.png"] == app_ll["twin.png"]
@@ -239,7 +246,7 @@ def test_non_finite_score_is_an_error_in_the_app(env: tuple[Path, Path], monkeyp
          ("fine.png", png_bytes((rng.random((20, 20)) * 255).astype(np.uint8)), "image/png")]
     )
     at.run()
-    assert not at.exception, at.exception
+    assert not at.exception, at.exception  # an error line is expected here: checked below
     assert any(e.value.startswith("nan.png:") and "non-finite" in e.value for e in at.error)
     table = next(d.value for d in at.dataframe if "image" in d.value.columns)
     assert list(table["image"]) == ["fine.png"]
@@ -267,7 +274,7 @@ def test_each_view_runs_with_an_input(env: tuple[Path, Path], view: str) -> None
     x = (np.random.default_rng(2).random((28, 28)) * 255).astype(np.uint8)
     at.session_state[state.ADDED_KEY] = [state.InputImage("noise.png", png_bytes(x), "upload")]
     at.switch_page(f"views/{view}.py").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) >= VIEWS[view]
     assert at.title, "every view has a title"
@@ -308,7 +315,7 @@ def test_each_view_runs_on_an_rgb_model_with_gray_and_colour_inputs(
         state.InputImage("colour.png", png_bytes(colour), "upload"),
     ]
     at.switch_page(f"views/{view}.py").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert not at.error, [e.value for e in at.error]
     assert len(at.get("plotly_chart")) >= VIEWS[view]
     if view == "inputs":
@@ -320,7 +327,7 @@ def test_views_without_inputs_use_a_test_image(env: tuple[Path, Path]) -> None:
     at = start()
     for view in ("latents", "resampling"):
         at.switch_page(f"views/{view}.py").run()
-        assert not at.exception, at.exception
+        ran_cleanly(at)
         assert "test image 0" in texts(at)
 
 
@@ -330,7 +337,7 @@ def test_gallery_button_adds_inputs(env: tuple[Path, Path]) -> None:
     buttons = [b for b in at.button if b.label.startswith("Add these")]
     assert buttons, "gallery has an add button per available set"
     buttons[0].click().run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     added = at.session_state[state.ADDED_KEY]
     assert len(added) == 8 and all(i.as_is for i in added)
     current = at.sidebar.selectbox(key=state.CURRENT_KEY)
@@ -343,7 +350,7 @@ def test_receptive_field_number_inputs(env: tuple[Path, Path]) -> None:
     at.number_input(key="rf_h").set_value(3)
     at.number_input(key="rf_w").set_value(25)
     at.run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert "row 3, column 25" in texts(at)
 
 
@@ -351,13 +358,13 @@ def test_batchnorm_toggle_and_score_selector(env: tuple[Path, Path]) -> None:
     at = start()
     at.switch_page("views/latents.py").run()
     at.toggle(key="latent_bn").set_value(True).run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     at.switch_page("views/score.py").run()
     assert "complexity_png" in " ".join(at.selectbox(key="score_choice").options)
     at.selectbox(key="score_choice").set_value("complexity_png")
     at.radio(key="score_units").set_value("nats")
     at.run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert len(at.get("plotly_chart")) == 2
 
 
@@ -369,7 +376,7 @@ def test_checkpoint_without_reference_says_how_to_evaluate(
     assert at.sidebar.selectbox(key=state.CHECKPOINT_KEY).value == "noref"
     assert any("flowcore evaluate noref" in w.value for w in at.warning)
     at.switch_page("views/compare.py").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
 
 
 def test_no_checkpoint_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -379,7 +386,7 @@ def test_no_checkpoint_at_all(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     warnings = " ".join(w.value for w in at.warning)
     assert "flowcore train" in warnings and "flowcore evaluate" in warnings
     at.switch_page("views/latents.py").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert at.warning
 
 
@@ -508,12 +515,12 @@ def test_gallery_works_without_data_dir_from_bundled_examples(
     assert load_examples("cifar10", (1, 28, 28)).shape == (16, 28, 28)
     at = AppTest.from_file(str(ROOT / "app" / "views" / "inputs.py"), default_timeout=TIMEOUT)
     at.run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     shown = "\n".join(m.value for m in at.markdown)
     assert "**mnist** (OOD, bundled examples)" in shown, shown
     add = next(b for b in at.button if b.key == "add_mnist")
     add.click().run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert any(item.source == "gallery: mnist" for item in at.session_state[state.ADDED_KEY])
 
 
@@ -586,7 +593,7 @@ def test_score_page_says_when_auto_invert_flipped_an_upload(env: tuple[Path, Pat
     light[15:25, 15:25] = 20  # a dark square on a light background: auto-invert flips it
     at.file_uploader(key=state.UPLOAD_KEY).set_value([("light.png", png_bytes(light), "image/png")])
     at.run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert any("Inverted before scoring" in i.value and "light.png" in i.value for i in at.info)
 
 
@@ -597,7 +604,7 @@ def test_unreadable_upload_is_not_offered_as_image_to_inspect(env: tuple[Path, P
         [("broken.png", b"not an image", "image/png"), ("good.png", good, "image/png")]
     )
     at.run()
-    assert not at.exception, at.exception
+    assert not at.exception, at.exception  # an error line is expected here: checked below
     picker = at.sidebar.selectbox(key=state.CURRENT_KEY)
     assert [picker.format_func(k) for k in picker.options] == ["good.png (upload)"]
 
@@ -670,7 +677,7 @@ def test_features_page_scores_inputs_and_examples_under_both_flows(feature_env: 
     faces = np.load(data / "rgb.npz")["x_test"]
     at.session_state[state.ADDED_KEY] = [state.InputImage("face.png", png_bytes(faces[0]), "upload")]
     at.switch_page("views/features.py").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert not at.error, [e.value for e in at.error]
     assert at.selectbox(key="features_flow").value == "rgb_embeddings"
     # the flow and its two baselines side by side; the verdicts start on the best of them by mean AUROC
@@ -750,7 +757,7 @@ def test_score_page_offers_the_paired_feature_flows_likelihood(feature_env: tupl
     at.run()
     assert "embedding_likelihood" in offered(at)
     at.selectbox(key="score_choice").set_value("embedding_likelihood").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     reference = np.load(ckpts / "rgb_embeddings" / "reference.npz")["test__likelihood"]
     value = float(image_log_likelihood(flowcore.load(ckpts / "rgb_embeddings"), faces[:1])[0])
     shown = next(m for m in at.metric if m.label.startswith("verdict at"))
@@ -790,10 +797,10 @@ def test_study_variants_are_not_offered_as_the_feature_flows_pixel_counterparts(
 def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_env: tuple[Path, Path]) -> None:
     from flowcore.dashboard.views import tour
 
-    at = AppTest.from_file(str(ROOT / "app" / "views" / "tour.py"), default_timeout=TIMEOUT)
+    at = start()  # through the entry point: the step links to other pages, which only st.navigation knows
     at.session_state[tour.STEP_KEY] = len(tour.STEPS) - 1
-    at.run()
-    assert not at.exception, at.exception
+    at.switch_page("views/tour.py").run()
+    ran_cleanly(at)
     text = "\n".join(m.value for m in at.markdown)
     ckpts, _ = feature_env
     table = json.loads((ckpts / "rgb_embeddings" / "config.json").read_text())["reference"]["auroc"]
@@ -835,7 +842,7 @@ def test_latents_page_shows_each_scales_latents_with_its_own_correlation(env: tu
 
     at = start()
     at.switch_page("views/latents.py").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     specs = [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
     titles = [a["text"] for spec in specs for a in spec["layout"].get("annotations", []) if "scale" in a["text"]]
     assert [t.split(" (")[0] for t in titles] == ["scale 1", "scale 2"]  # the tiny model has two scales
@@ -860,10 +867,10 @@ def test_train_own_page_refuses_an_empty_request_and_draws_a_real_job(env: tuple
 
     at = start()
     at.switch_page("views/train_own.py").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     submit = next(b for b in at.get("button") if "Start training" in str(b.proto.label))
     submit.click().run()
-    assert not at.exception, at.exception
+    assert not at.exception, at.exception  # an error line is expected here: checked below
     assert [e.value for e in at.error] == ["0 image files uploaded; at least 50 are needed to train and keep a "
                                            "test set (a zip of a folder works too)"]
     assert jobs.list_jobs() == []
@@ -882,7 +889,7 @@ def test_train_own_page_refuses_an_empty_request_and_draws_a_real_job(env: tuple
     assert "page_blobs" in str([t.value for t in at.table])
     at.session_state["own_data_job"] = job
     at.run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert any("page_blobs" in s.value and "done" in s.value for s in at.success)
     assert len(at.get("plotly_chart")) == 3  # live histogram, AUROC over training, held-out bpd
     status = jobs.read_status(job)
@@ -894,5 +901,5 @@ def test_train_own_page_refuses_an_empty_request_and_draws_a_real_job(env: tuple
     opener.click().run()
     assert at.sidebar.selectbox(key=state.CHECKPOINT_KEY).value == "page_blobs"
     at.switch_page("views/score.py").run()
-    assert not at.exception, at.exception
+    ran_cleanly(at)
     assert not at.error, [e.value for e in at.error]
