@@ -605,6 +605,7 @@ def test_unreadable_upload_is_not_offered_as_image_to_inspect(env: tuple[Path, P
     )
     at.run()
     assert not at.exception, at.exception  # an error line is expected here: checked below
+    assert [e.value.split(":")[0] for e in at.error] == ["broken.png"], [e.value for e in at.error]
     picker = at.sidebar.selectbox(key=state.CURRENT_KEY)
     assert [picker.format_func(k) for k in picker.options] == ["good.png (upload)"]
 
