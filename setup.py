@@ -1,7 +1,9 @@
 """Build hook: the wheel carries the default checkpoint (``checkpoints/fashion_realnvp``) inside the package, as
-``flowcore/bundled/fashion_realnvp/``, so ``pip install flowcore`` scores and opens the dashboard without any
-download. Everything else is declared in pyproject.toml."""
+``flowcore/bundled/fashion_realnvp/``, and every checkpoint its config names (its ``background`` model, for the
+likelihood-ratio score), so ``pip install flowcore`` scores and opens the dashboard without any download and no
+page meets a model it cannot find. Everything else is declared in pyproject.toml."""
 
+import json
 from pathlib import Path
 
 from setuptools import setup
@@ -18,11 +20,16 @@ class BuildWithDefaultModel(build_py):
         source = ROOT / "checkpoints" / DEFAULT_MODEL
         if self.editable_mode or not (source / "model.safetensors").is_file():
             return  # an editable install finds checkpoints/ itself; an sdist without it ships none
-        target = Path(self.build_lib) / "flowcore" / "bundled" / DEFAULT_MODEL
-        target.mkdir(parents=True, exist_ok=True)
-        for name in FILES:
-            if (source / name).is_file():
-                self.copy_file(str(source / name), str(target / name))
+        background = json.loads((source / "config.json").read_text()).get("background")
+        for model in [DEFAULT_MODEL, *([background] if background else [])]:
+            if not (ROOT / "checkpoints" / model / "model.safetensors").is_file():
+                raise FileNotFoundError(f"{DEFAULT_MODEL} names {model}, which checkpoints/ lacks: the wheel would "
+                                        "ship a model that cannot score")
+            target = Path(self.build_lib) / "flowcore" / "bundled" / model
+            target.mkdir(parents=True, exist_ok=True)
+            for name in FILES:
+                if (ROOT / "checkpoints" / model / name).is_file():
+                    self.copy_file(str(ROOT / "checkpoints" / model / name), str(target / name))
 
 
 setup(cmdclass={"build_py": BuildWithDefaultModel})

@@ -111,7 +111,7 @@ def test_built_wheel_scores_and_serves_the_dashboard_outside_the_checkout(tmp_pa
     def skipped(folder: str, names: list[str]) -> list[str]:
         drop = {".git", ".venv", "build", "dist", "runs", "tests", "docs", "__pycache__"}
         if Path(folder) == ROOT / "checkpoints":
-            drop |= {n for n in names if n != "fashion_realnvp"}
+            drop |= {n for n in names if n not in ("fashion_realnvp", "fashion_realnvp_background")}
         return [n for n in names if n in drop or n.endswith(".egg-info")]
 
     shutil.copytree(ROOT, src, ignore=skipped)
@@ -143,6 +143,12 @@ def test_built_wheel_scores_and_serves_the_dashboard_outside_the_checkout(tmp_pa
     assert scored.returncode == 0, scored.stderr
     (row,) = json.loads(scored.stdout)
     assert row["path"].endswith("shirt.png") and row["ood"] in (True, False) and row["bpd"] > 0
+    # the default model's background model ships with it: its likelihood-ratio score works out of the box
+    ratio = subprocess.run([str(flowcore_cmd), "score", "fashion_realnvp", str(image), "--format", "json",
+                            "--score", "likelihood_ratio", "--no-progress"], cwd=work, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert ratio.returncode == 0, ratio.stderr
+    assert np.isfinite(json.loads(ratio.stdout)[0]["value"])
     listed = subprocess.run([str(flowcore_cmd), "zoo", "list"], cwd=work, env=env, capture_output=True, text=True)
     assert any(line.startswith("fashion_realnvp") and "bundled" in line for line in listed.stdout.splitlines())
     port = _free_port()
