@@ -150,6 +150,22 @@ def test_epochs_zero_from_the_command_line_is_refused(tmp_path, capsys):
     _one_line_error(err, "epochs must be in 1..")
 
 
+def test_evaluate_refuses_draws_and_subsets_out_of_bounds_before_any_work(tmp_path, capsys):
+    """--draws 100000 would make every later score of the model pay 100,000 model passes per image (the stored
+    reference is held to MAX_DRAWS when read): refused at once, like absurd subsets; nothing is written."""
+    from flowcore.zoo.checkpoints import MAX_DRAWS
+
+    ck = _checkpoint(tmp_path / "ck")
+    before = sorted(p.name for p in ck.iterdir())
+    for args, message in [(["--draws", "100000"], f"draws must be a whole number in 1..{MAX_DRAWS}"),
+                          (["--draws", "0"], "draws must be"), (["--train-subset", "0"], "train_subset must be"),
+                          (["--ood-subset", "-5"], "ood_subset must be")]:
+        code, _, err = _run(capsys, "evaluate", str(ck), *args)
+        assert code == 2, args
+        _one_line_error(err, message)
+    assert sorted(p.name for p in ck.iterdir()) == before
+
+
 def test_score_command_bad_cases_give_one_line_and_nonzero_exit(tmp_path, capsys):
     ck = _checkpoint(tmp_path / "ck")
     good = tmp_path / "good.png"

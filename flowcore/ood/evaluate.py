@@ -21,6 +21,7 @@ from ..data.datasets import DATASETS, DatasetNotFound, load_images, match_shape,
 from ..flows.likelihood import nats_to_bpd
 from ..zoo.checkpoints import (
     HISTOGRAM,
+    MAX_DRAWS,
     REFERENCE,
     CheckpointError,
     atomic_write,
@@ -110,6 +111,13 @@ def evaluate(
 
     from ..training import distributed as dist
 
+    # the reference stores n_draws and every later score of this model pays for each draw: the bound a stored
+    # reference is held to (read_config) holds here, before hours are spent writing one it would refuse
+    if isinstance(n_draws, bool) or not isinstance(n_draws, int) or not 1 <= n_draws <= MAX_DRAWS:
+        raise ValueError(f"draws must be a whole number in 1..{MAX_DRAWS}, got {n_draws!r}")
+    for label, subset in (("train_subset", train_subset), ("test_subset", test_subset), ("ood_subset", ood_subset)):
+        if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int) or subset < 1):
+            raise ValueError(f"{label} must be a whole number of images >= 1, got {subset!r}")
     device = dist.init(device)
     folder = resolve(checkpoint)
     cfg = read_config(folder)
