@@ -702,3 +702,27 @@ def test_sigterm_to_flowcore_app_stops_the_dashboard_and_frees_its_port(tmp_path
             except ProcessLookupError:
                 pass
         app.wait()
+
+
+def test_an_edited_image_shape_is_caught_against_the_reference(tmp_path, capsys):
+    """A RealNVP's weights do not depend on H and W, so an image_shape edited in config.json still loads; the
+    reference's (log-likelihood, bpd) pairs say over how many values it was computed, and the mismatch is one
+    line instead of scores at the wrong size against the old statistics."""
+    from flowcore.flows.likelihood import nats_to_bpd
+    from flowcore.ood.evaluate import load_reference
+
+    ck = _checkpoint(tmp_path / "ck")
+    ref = dict(np.load(ck / "reference.npz"))
+    ref["test__bpd"] = nats_to_bpd(ref["test__likelihood"], 64)
+    np.savez(ck / "reference.npz", **ref)
+    assert len(load_reference(ck)["test__bpd"]) == 20  # consistent: 1 x 8 x 8 = 64 values
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg["model"]["image_shape"] = [1, 16, 16]
+    (ck / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="computed over 64 values per image, but config.json's image_shape"):
+        load_reference(ck)
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (16, 16), dtype=np.uint8)).save(good)
+    code, out, err = _run(capsys, "score", str(ck), str(good), "--no-progress")
+    assert code == 2 and out == ""
+    _one_line_error(err, "image_shape [1, 16, 16]")

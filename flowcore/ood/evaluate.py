@@ -71,7 +71,28 @@ def load_reference(name_or_path: str | os.PathLike) -> dict[str, np.ndarray]:
         bad = int(np.sum(~np.isfinite(values)))
         if bad:
             raise CheckpointError(f"{path}: {key!r} holds {bad} non-finite value(s); re-run flowcore evaluate")
+    _check_reference_size(path, out)
     return out
+
+
+def _check_reference_size(path: Path, reference: dict[str, np.ndarray]) -> None:
+    """The reference was computed at the image size the config names now. A pixel flow's weights do not depend on
+    H and W, so an edited ``image_shape`` would still load and score images at the new size against statistics of
+    the old one, without a word; but each stored pair of log-likelihood and bits/dim fixes the number of values
+    they were computed over (bpd = -ll / (D ln 2)), which must be the config's C x H x W."""
+    shape = (read_config(path.parent).get("model") or {}).get("image_shape")
+    ll, bpd = reference.get("test__likelihood"), reference.get("test__bpd")
+    if not shape or ll is None or bpd is None or len(ll) != len(bpd):
+        return
+    usable = np.abs(bpd) > 1e-6
+    if not usable.any():
+        return
+    dims = float(np.median(-ll[usable] / (bpd[usable] * np.log(2))))
+    expected = int(np.prod(shape))
+    if abs(dims - expected) > 0.01 * expected:
+        raise CheckpointError(f"{path.parent}: the reference statistics were computed over {dims:,.0f} values per "
+                              f"image, but config.json's image_shape {list(shape)} has {expected:,}: the config was "
+                              "changed after evaluation; restore it or re-run flowcore evaluate")
 
 
 def auroc_table(reference: dict[str, np.ndarray], in_set: str = "test") -> dict[str, dict[str, float]]:
