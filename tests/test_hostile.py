@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from PIL import Image
 
 import flowcore
 from flowcore.cli import main
+from flowcore.data.images import ImageError, decode_image, preprocess
 from flowcore.flows.config import FlowConfig
 from flowcore.training.train import TrainConfig, load_train_config, train
 from flowcore.zoo.checkpoints import CheckpointError, save
@@ -726,3 +728,57 @@ def test_an_edited_image_shape_is_caught_against_the_reference(tmp_path, capsys)
     code, out, err = _run(capsys, "score", str(ck), str(good), "--no-progress")
     assert code == 2 and out == ""
     _one_line_error(err, "image_shape [1, 16, 16]")
+
+
+def _image_file(tmp_path: Path, name: str, array: np.ndarray, fmt: str) -> Path:
+    path = tmp_path / name
+    Image.fromarray(array).save(path, format=fmt)
+    return path
+
+
+_GRID = np.arange(784).reshape(28, 28)
+
+
+@pytest.mark.parametrize("name,array,fmt,message", [
+    ("all_nan.tif", np.full((28, 28), np.nan, np.float32), "TIFF", "784 pixel value(s) are not finite"),
+    ("some_inf.tif", np.where(_GRID % 7 == 0, np.inf, 0.5).astype(np.float32), "TIFF", "112 pixel value(s)"),
+    ("hot_pixel.tif", np.where(_GRID == 5, 1.5, 0.3).astype(np.float32), "TIFF", "is it 0..1 or 0..255?"),
+    ("negative.tif", np.where(_GRID == 5, -0.2, 0.3).astype(np.float32), "TIFF", "below 0"),
+    ("huge_float.tif", np.linspace(0, 1000, 784, dtype=np.float32).reshape(28, 28), "TIFF", "up to 1000"),
+    ("int32_wide.tif", (_GRID * 100_000).astype(np.int32), "TIFF", "beyond 16 bits"),
+    ("big_nan.tif", np.where(np.arange(8200 * 16).reshape(8200, 16) == 77, np.nan, 0.5).astype(np.float32), "TIFF",
+     "1 pixel value(s) are not finite"),
+])
+def test_wide_pixels_that_cannot_be_read_safely_are_refused(tmp_path, capsys, name, array, fmt, message):
+    """Non-finite, negative or unscaled float and 32-bit pixels: one line per file, never a score of a guess
+    (a NaN used to become 0, a stray 1.5 turned a 0..1 image black), and the good file beside it is scored."""
+    bad = _image_file(tmp_path, name, array, fmt)
+    ck = _checkpoint(tmp_path / "ck")
+    good = _image_file(tmp_path, "good.png", np.random.default_rng(1).integers(0, 256, (8, 8), dtype=np.uint8), "PNG")
+    with pytest.raises(ImageError, match=re.escape(message)):
+        preprocess(decode_image(bad), (1, 8, 8))
+    code, out, err = _run(capsys, "score", str(ck), str(bad), str(good), "--no-progress")
+    assert code == 1 and message in err and len(out.strip().splitlines()) == 2  # header + the good file
+
+
+@pytest.mark.parametrize("array,fmt,want", [
+    (np.linspace(0, 1, 784, dtype=np.float32).reshape(28, 28), "TIFF", np.linspace(0, 255, 784)),
+    (np.linspace(0, 255, 784, dtype=np.float32).reshape(28, 28), "TIFF", np.linspace(0, 255, 784)),
+    ((_GRID % 256).astype(np.int32), "TIFF", _GRID % 256),  # 8-bit values in a 32-bit file: not divided by 257
+    ((_GRID * 80).astype(np.int32), "TIFF", _GRID * 80 / 257),
+    ((_GRID * 80).astype(np.uint16), "PNG", _GRID * 80 / 257),
+])
+def test_wide_pixels_follow_the_stated_rule(tmp_path, array, fmt, want):
+    path = _image_file(tmp_path, f"x.{fmt.lower()}", array, fmt)
+    got = preprocess(decode_image(path), (1, 28, 28), invert=False).array
+    assert np.abs(got.astype(float) - np.round(np.asarray(want, float)).reshape(28, 28)).max() <= 1
+
+
+def test_a_large_16_bit_image_is_reduced_not_refused(tmp_path):
+    """Pillow's reduce takes no 16-bit image: a 16-bit PNG over the working size is block-averaged by the same
+    rule instead of failing the whole batch (or the whole app session)."""
+    a = np.zeros((8400, 8400), np.uint16)
+    a[:, 4200:] = 65535  # left half black, right half white
+    path = _image_file(tmp_path, "big16.png", a, "PNG")
+    got = preprocess(decode_image(path), (1, 28, 28), invert=False).array
+    assert got[:, :13].max() <= 1 and got[:, 15:].min() >= 254

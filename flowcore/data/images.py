@@ -68,6 +68,7 @@ _FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP or TIFF"
 
 _GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
 _WIDE_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+WIDE_SOURCE_MODE = "flowcore_wide_source_mode"  # info key: the mode a reduced wide image was decoded in
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _INVERT_WORDS = {
     "auto": "auto",
@@ -314,6 +315,27 @@ def _shrink(img: Image.Image, working_side: int) -> Image.Image:
     band by band."""
     factor = math.ceil(max(img.size) / working_side)
     info = dict(img.info)
+    if img.mode in _WIDE_MODES:  # Pillow's reduce takes no 16-bit or float image: block means, a strip at a time
+        w, h = img.size
+        rows = []
+        cols = -(-w // factor) * factor
+        counts = np.zeros(cols)
+        counts[:w] = 1.0
+        counts = counts.reshape(-1, factor).sum(axis=1)  # the last block may be narrower
+        for top in range(0, h, factor):
+            strip = np.asarray(img.crop((0, top, w, min(top + factor, h))), dtype=np.float64)
+            bad = int(np.count_nonzero(~np.isfinite(strip)))
+            if bad:  # a mean would hide them: refused here as the full-size rule would (wide_to_gray_levels)
+                raise ImageError(f"{bad:,} pixel value(s) are not finite (NaN or infinite): refused rather than "
+                                 "guessed")
+            padded = np.zeros((strip.shape[0], cols))
+            padded[:, :w] = strip
+            sums = padded.reshape(strip.shape[0], -1, factor).sum(axis=(0, 2))
+            rows.append(sums / (counts * strip.shape[0]))
+        out = Image.fromarray(np.asarray(rows, dtype=np.float32), "F")
+        info.setdefault(WIDE_SOURCE_MODE, img.mode)
+        out.info = info
+        return out
     if img.mode in ("RGBA", "LA"):
         out = Image.merge(img.mode, [img.getchannel(i).reduce(factor) for i in range(len(img.getbands()))])
     else:
@@ -349,17 +371,54 @@ def _has_alpha(image: Image.Image) -> bool:
     return image.mode in _ALPHA_MODES or (image.mode in ("P", "L", "RGB") and "transparency" in image.info)
 
 
+FLOAT_MIN_SHARE_ABOVE_ONE = 0.01  # a float image is read as 0..255 only when at least 1 % of its pixels exceed 1
+
+
+def wide_to_gray_levels(a: np.ndarray, mode: str) -> tuple[np.ndarray, str]:
+    """The one rule for pixels wider than 8 bits (float, 16- and 32-bit integer images): their values as 0..255
+    gray levels (float64) and a note saying what was done, or an :class:`ImageError` where the scale cannot be
+    known. Never a silent guess:
+
+    - a pixel that is NaN or infinite, or below 0, refuses the image;
+    - 16-bit images (``I;16*``): 65535 -> 255;
+    - 32-bit integer images (``I``): read as 8-bit when every value is <= 255, as 16-bit when <= 65535, else refused;
+    - float images (``F``): read as 0..1 when every value is <= 1; as 0..255 when every value is <= 255 and at
+      least 1 % of the pixels exceed 1 (a few stray values above 1 in a 0..1 image would otherwise turn it black);
+      anything else is refused."""
+    a = np.asarray(a, dtype=np.float64)
+    bad = int(np.count_nonzero(~np.isfinite(a)))
+    if bad:
+        raise ImageError(f"{bad:,} pixel value(s) are not finite (NaN or infinite): refused rather than guessed")
+    if a.size == 0:
+        raise ImageError("the image has no pixels")
+    lo, hi = float(a.min()), float(a.max())
+    if lo < 0:
+        raise ImageError(f"pixel values go below 0 (min {lo:g}); images are read as 0..1, 0..255 or 0..65535")
+    if mode.startswith("I;16"):
+        return a / 257.0, " (16-bit scaled: 65535 -> 255)"
+    if mode == "I":
+        if hi <= 255:
+            return a, " (32-bit integers, all <= 255: read as 8-bit)"
+        if hi <= 65535:
+            return a / 257.0, " (32-bit integers, all <= 65535: read as 16-bit, 65535 -> 255)"
+        raise ImageError(f"32-bit integer pixels up to {hi:g}: beyond 16 bits, their scale is unknown; refused")
+    if hi <= 1.0:
+        return a * 255.0, " (float 0..1 scaled to 0..255)"
+    share = float(np.mean(a > 1.0))
+    if hi <= 255.0 and share >= FLOAT_MIN_SHARE_ABOVE_ONE:
+        return a, " (float read as 0..255)"
+    if hi <= 255.0:
+        raise ImageError(f"float pixels are in 0..1 except {share:.2%} of them (max {hi:g}): is it 0..1 or 0..255? "
+                         "Refused rather than guessed; clip it to 0..1 or save it as 8-bit")
+    raise ImageError(f"float pixels up to {hi:g}: not 0..1 or 0..255; refused rather than guessed")
+
+
 def _convert(image: Image.Image, target: str, background: str) -> tuple[Image.Image, str]:
     note = ""
     if image.mode in _WIDE_MODES:
-        a = np.asarray(image).astype(np.float64)
-        if image.mode == "F":
-            a = a * 255.0 if a.size and np.nanmax(a) <= 1.0 else a
-            note = " (float scaled to 0..255)"
-        else:
-            a = a / 257.0
-            note = " (16-bit scaled: 65535 -> 255)"
-        rgb = np.repeat(np.clip(np.round(np.nan_to_num(a)), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+        # a large wide image was reduced to float block means by _shrink: its rule is its source's
+        levels, note = wide_to_gray_levels(np.asarray(image), image.info.get(WIDE_SOURCE_MODE, image.mode))
+        rgb = np.repeat(np.clip(np.round(levels), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
     elif _has_alpha(image):
         rgba = np.asarray(image.convert("RGBA")).astype(np.float32)
         alpha = rgba[..., 3:] / 255.0
