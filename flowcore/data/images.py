@@ -37,6 +37,7 @@ __all__ = [
     "ALLOWED_FORMATS",
     "MAX_BYTES",
     "MAX_PIXELS",
+    "MAX_JPEG_SCANS",
     "ImageError",
     "Preprocessed",
     "IMAGE_SUFFIXES",
@@ -55,6 +56,7 @@ __all__ = [
 # Larger images are refused: more than any camera's photo (8000x8000 = 64 MP passes), far less than a bomb's
 # RAM. What a large image costs is bounded by WORKING_SIDE, not by this: see decode_image.
 MAX_PIXELS = 80_000_000
+MAX_JPEG_SCANS = 200  # libjpeg's progressive script has 10 scans; 200 leaves room for any encoder's
 # Decoded images are brought down to at most this many pixels on their longer side straight away (JPEG decodes
 # at 1/2, 1/4 or 1/8 scale directly): a model sees 32x32 at most and the app shows a thumbnail, so a 64 MP
 # upload costs a few MB of working memory instead of gigabytes of full-size copies.
@@ -143,6 +145,14 @@ def decode_image(
             raise ImageError(f"{label}: image has no pixels ({w}x{h})")
         if w * h > max_pixels:
             raise ImageError(bomb)
+        if img.format == "JPEG":
+            # each scan of a progressive JPEG is decoded over the whole image: a file repeating one scan hundreds
+            # of thousands of times decodes for most of an hour. 0xFF 0xDA (start of scan) cannot occur inside
+            # entropy-coded data (an 0xFF there is followed by 0x00 or a restart marker), so this counts scans.
+            scans = raw.count(b"\xff\xda")
+            if scans > MAX_JPEG_SCANS:
+                raise ImageError(f"{label}: a JPEG of {scans:,} scans (an ordinary one has at most a few dozen); "
+                                 "refusing a decode that could take minutes")
         try:
             if img.format == "JPEG" and max(w, h) > working_side:
                 img.draft(None, (working_side, working_side))  # decode at 1/2, 1/4 or 1/8 scale directly
