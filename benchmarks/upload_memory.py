@@ -20,6 +20,7 @@ CASES = [  # (label, Pillow mode, format, side in pixels)
     ("RGBA PNG 6300x6300", "RGBA", "PNG", 6300),
     ("RGB JPEG 8000x8000 (64 MP photo size)", "RGB", "JPEG", 8000),
     ("grayscale PNG 8000x8000", "L", "PNG", 8000),
+    ("lossless RGB WebP 4000x4000 (its limit)", "RGB", "WEBP", 4000),
 ]
 
 CHILD = r"""
@@ -57,7 +58,8 @@ def _write(mode: str, fmt: str, side: int, path: Path) -> None:
     plane = ((ramp[None, :] + ramp[:, None]) / 2).astype(np.uint8)
     channels = {"L": 1, "RGB": 3, "RGBA": 4}[mode]
     arr = np.repeat(plane[..., None], channels, axis=2) if channels > 1 else plane
-    Image.fromarray(arr, mode).save(path, format=fmt)
+    extra = {"lossless": True, "method": 0} if fmt == "WEBP" else {}  # method 0: a quick encode, same decode
+    Image.fromarray(arr, mode).save(path, format=fmt, **extra)
 
 
 def main() -> int:

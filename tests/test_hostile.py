@@ -805,3 +805,17 @@ def test_a_jpeg_repeating_one_scan_is_refused_by_structure(tmp_path, capsys):
     assert time.process_time() - start < 1.0
     code, _, err = _run(capsys, "score", str(_checkpoint(tmp_path / "ck")), str(evil), "--no-progress")
     assert code == 1 and "evil.jpg" in err and "scans" in err
+
+
+def test_a_webp_larger_than_its_limit_is_refused_by_its_header(tmp_path):
+    """A 2.5 KB lossless WebP of 8944 x 8944 peaked at 1,459 MB: WebP has no reduced-scale decode, so its size is
+    bounded from the header, before any pixel is decoded; one at the limit still decodes."""
+    from flowcore.data.images import MAX_WEBP_PIXELS
+
+    side = int(MAX_WEBP_PIXELS**0.5)
+    big, ok = tmp_path / "big.webp", tmp_path / "ok.webp"
+    Image.new("RGB", (side + 1, side + 1), (200, 10, 10)).save(big, format="WEBP", lossless=True, method=0)
+    Image.new("RGB", (side, side // 4), (200, 10, 10)).save(ok, format="WEBP", lossless=True, method=0)
+    with pytest.raises(ImageError, match="a WebP image is decoded whole"):
+        decode_image(big)
+    assert decode_image(ok).info["original_size"] == (side, side // 4)

@@ -38,6 +38,7 @@ __all__ = [
     "MAX_BYTES",
     "MAX_PIXELS",
     "MAX_JPEG_SCANS",
+    "MAX_WEBP_PIXELS",
     "ImageError",
     "Preprocessed",
     "IMAGE_SUFFIXES",
@@ -56,6 +57,7 @@ __all__ = [
 # Larger images are refused: more than any camera's photo (8000x8000 = 64 MP passes), far less than a bomb's
 # RAM. What a large image costs is bounded by WORKING_SIDE, not by this: see decode_image.
 MAX_PIXELS = 80_000_000
+MAX_WEBP_PIXELS = 16_000_000  # 4000 x 4000: see decode_image
 MAX_JPEG_SCANS = 200  # libjpeg's progressive script has 10 scans; 200 leaves room for any encoder's
 # Decoded images are brought down to at most this many pixels on their longer side straight away (JPEG decodes
 # at 1/2, 1/4 or 1/8 scale directly): a model sees 32x32 at most and the app shows a thumbnail, so a 64 MP
@@ -145,6 +147,11 @@ def decode_image(
             raise ImageError(f"{label}: image has no pixels ({w}x{h})")
         if w * h > max_pixels:
             raise ImageError(bomb)
+        if img.format == "WEBP" and w * h > min(max_pixels, MAX_WEBP_PIXELS):
+            # WebP has no reduced-scale decode and Pillow's decoder holds ~15 bytes a pixel at its peak
+            # (benchmarks/upload_memory.py): past this size one upload would add more than ~250 MB
+            raise ImageError(f"{label}: a WebP image is decoded whole, so at most {MAX_WEBP_PIXELS:,} pixels are "
+                             f"accepted ({w}x{h} has {w * h:,}); save it smaller or as PNG/JPEG")
         if img.format == "JPEG":
             # each scan of a progressive JPEG is decoded over the whole image: a file repeating one scan hundreds
             # of thousands of times decodes for most of an hour. 0xFF 0xDA (start of scan) cannot occur inside
