@@ -65,7 +65,7 @@ def _one_line_error(err: str, *needles: str) -> None:
         ({"hidden": "32"}, "hidden must be a whole number"),
         ({"hidden": 2048, "blocks": 64}, "st-network weights"),
         ({"image_shape": "abc"}, "image_shape must be [C, H, W]"),
-        ({"image_shape": [1, 10**6, 8]}, "image_shape H must be in 1..1024"),
+        ({"image_shape": [1, 10**6, 8]}, "image_shape H must be in 1..256"),
         ({"logit_alpha": float("nan")}, "logit_alpha must be a finite number"),
         ({"arch": ["glow"]}, "arch must be a string"),
     ],
@@ -819,3 +819,20 @@ def test_a_webp_larger_than_its_limit_is_refused_by_its_header(tmp_path):
     with pytest.raises(ImageError, match="a WebP image is decoded whole"):
         decode_image(big)
     assert decode_image(ok).info["original_size"] == (side, side // 4)
+
+
+def test_resume_after_the_model_was_edited_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    np.savez("d.npz", x_train=rng.integers(0, 256, (64, 8, 8), dtype=np.uint8),
+             x_test=rng.integers(0, 256, (16, 8, 8), dtype=np.uint8))
+    cfg = {"name": "t", "model": {"arch": "realnvp", "image_shape": [1, 8, 8], "scales": 2, "hidden": 8, "blocks": 1},
+           "dataset": "npz:d.npz", "epochs": 2, "batch_size": 16, "test_subset": 16}
+    Path("c.json").write_text(json.dumps(cfg))
+    code, _, _ = _run(capsys, "train", "c.json", "--max-steps", "2", "--no-progress")
+    assert code == 0
+    cfg["model"]["hidden"] = 16
+    Path("c.json").write_text(json.dumps(cfg))
+    code, _, err = _run(capsys, "train", "c.json", "--resume", "--no-progress")
+    assert code == 2
+    _one_line_error(err, "saved by a different model than the config now describes")

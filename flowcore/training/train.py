@@ -523,14 +523,23 @@ def _start(cfg: TrainConfig, run_dir: Path, resume: bool, data_dir: str | None, 
     return run
 
 
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else type(e).__name__)[:160]
+
+
 def _restore_or_begin(run: _Run, resume: bool) -> None:
     """Load the saved state (a resume, possibly with more epochs: the schedule warms up again from there), or
     log the start of a new run (and load ``init_from``'s weights)."""
     total_steps = run.pos["total_steps"]
     if resume and run.state_path.is_file():
         st = _load_state(run.state_path)
-        run.model.load_state_dict(st["model"])
-        run.opt.load_state_dict(st["optimizer"])
+        try:
+            run.model.load_state_dict(st["model"])
+            run.opt.load_state_dict(st["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # the config's model was edited after the save
+            raise ValueError(f"{run.state_path} was saved by a different model than the config now describes "
+                             f"({_first_line(e)}): restore the config, or start a new run in another folder") from None
         saved = st["position"]
         run.pos = {k: saved.get(k, v) for k, v in run.pos.items()}
         run.log(event="resume", **run.pos)
