@@ -6,16 +6,15 @@ second tab finds the training where it is."""
 
 from __future__ import annotations
 
-import io
 import os
 
 import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
-from PIL import Image
 
 from flowcore.dashboard import figures, state
 from flowcore.data.datasets import DatasetNotFound, load_images
+from flowcore.data.images import encode_png
 from flowcore.ood import jobs
 from flowcore.ood.own_data import MIN_IMAGES, PRESETS
 
@@ -26,12 +25,7 @@ PRESET_HELP = {"quick": "a small RealNVP, about 2 minutes", "standard": "a wider
 
 
 def _png_files(images: np.ndarray, prefix: str) -> list[tuple[str, bytes]]:
-    files = []
-    for i, image in enumerate(images):
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        files.append((f"{prefix}_{i}.png", buf.getvalue()))
-    return files
+    return [(f"{prefix}_{i}.png", encode_png(image)) for i, image in enumerate(images)]
 
 
 @st.cache_data(show_spinner="Preparing the bundled example ...", max_entries=1)
@@ -155,10 +149,12 @@ def trend_sentence(epochs: list[dict]) -> str | None:
     ood = [k for k in last if k != "test"]
     if ood and "test" in last:
         rising = [k for k in ood if last[k] - first.get(k, np.nan) > 0]
-        if rising and last["test"] > first.get("test", np.nan):
+        if not last["test"] > first.get("test", np.nan):
+            text += " The held-out likelihood has not risen over these epochs, so there is no rise to compare yet."
+        elif rising:
             text += (" The OOD likelihood rose together with the in-distribution one, as the paper's Sec. 6 "
                      "describes: training makes the flow better at images in general, not only at yours.")
-        elif ood:
+        else:
             text += " Here the OOD likelihood did not rise with the in-distribution one."
         aurocs = epochs[-1].get("auroc", {})
         text += " Last AUROC: " + ", ".join(f"{k} {100 * v:.1f} %" for k, v in aurocs.items()) + "."

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import fcntl
 import io
-import json
 import os
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from ..data.images import IMAGE_SUFFIXES
-from ..zoo.checkpoints import atomic_write, cache_dir, write_json
+from ..zoo.checkpoints import atomic_write, cache_dir, read_json_dict, write_json
 
 __all__ = [
     "MAX_FILES", "MAX_UNPACKED_BYTES", "LIVE_IMAGES", "MINUTES_CAP_ENV", "JobError", "jobs_dir", "unpack_zip",
@@ -131,18 +130,10 @@ def _status_path(job: Path) -> Path:
 
 
 def _write_status(job: Path, **changes: Any) -> dict[str, Any]:
-    status = _read_json(_status_path(job))
+    status = read_json_dict(_status_path(job))
     status.update(changes, updated=time.time())
     write_json(_status_path(job), status)
     return status
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def _alive(pid: Any) -> bool:
@@ -163,7 +154,7 @@ def _alive(pid: Any) -> bool:
 def read_status(job: str | Path) -> dict[str, Any]:
     """The job's status, with a job whose process vanished while queued or running reported ``failed``."""
     folder = Path(job) if isinstance(job, Path) else jobs_dir() / job
-    status = _read_json(_status_path(folder))
+    status = read_json_dict(_status_path(folder))
     if not status:
         return {}
     status["job"] = folder.name
@@ -298,11 +289,11 @@ def run_job(job: Path) -> int:
     from .scores import auroc
 
     signal.signal(signal.SIGTERM, _raise_cancelled)
-    request = _read_json(job / "request.json")
+    request = read_json_dict(job / "request.json")
     jobs_dir().mkdir(parents=True, exist_ok=True)
     lock = open(jobs_dir() / "training.lock", "w")  # noqa: SIM115 - held for the whole training
     try:
-        me = _read_json(_status_path(job)).get("submitted", 0)
+        me = read_json_dict(_status_path(job)).get("submitted", 0)
         while any(s.get("submitted", 0) < me for s in list_jobs() if s.get("state") in ACTIVE):
             time.sleep(0.5)  # first come, first served: every job submitted before this one goes first
         fcntl.flock(lock, fcntl.LOCK_EX)  # and the slot itself: held until the job ahead ends (or dies)
@@ -335,7 +326,7 @@ def run_job(job: Path) -> int:
             done = min(done, 1.0)
             wall = time.time() - started
             medians = {label: round(float(np.median(v)), 3) for label, v in scores.items()}
-            epochs = _read_json(_status_path(job)).get("epochs", []) + [
+            epochs = read_json_dict(_status_path(job)).get("epochs", []) + [
                 {"epoch": record["epoch"], "test_bpd": round(record["test_bpd"], 5), "auroc": aurocs,
                  "median_log_likelihood": medians, "wall_s": round(wall, 1)}]
             _write_status(job, epochs=epochs, progress=round(0.95 * done, 4),

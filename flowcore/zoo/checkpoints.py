@@ -34,6 +34,7 @@ __all__ = [
     "checkpoints_dir",
     "checkpoint_roots",
     "own_models_dir",
+    "read_json_dict",
     "cache_dir",
     "list_checkpoints",
     "paired_feature_flow",
@@ -278,7 +279,7 @@ def staged_checkpoint(folder: str | os.PathLike) -> Iterator[Path]:
     folder.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING_SUFFIX, dir=folder.parent))
     try:
-        old = _read_json_dict(folder / CONFIG)
+        old = read_json_dict(folder / CONFIG)
         if old:
             write_json(stage / CONFIG, {k: v for k, v in old.items() if k not in DERIVED_CONFIG_KEYS})
         yield stage
@@ -287,7 +288,8 @@ def staged_checkpoint(folder: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
-def _read_json_dict(path: Path) -> dict[str, Any]:
+def read_json_dict(path: Path) -> dict[str, Any]:
+    """A JSON object file's contents, or ``{}`` when it is missing, unreadable or not an object."""
     if not path.is_file():
         return {}
     try:
