@@ -93,6 +93,22 @@ def test_shipped_manifest_matches_the_shipped_checkpoints():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_every_shipped_model_has_the_config_that_reproduces_it():
+    """`flowcore train configs/NAME.json` must train what checkpoints/NAME holds: the config beside the weights
+    (``train_config``, written by the trainer) and the file in configs/ describe the same run, defaults filled in."""
+    from flowcore.training.train import TrainConfig, load_train_config
+
+    shipped = sorted(p for p in (ROOT / "checkpoints").iterdir() if (p / "config.json").is_file())
+    assert len(shipped) >= 30
+    for folder in shipped:
+        stored = json.loads((folder / "config.json").read_text())["train_config"]
+        path = ROOT / "configs" / f"{folder.name}.json"
+        assert path.is_file(), f"{folder.name}: no configs/{folder.name}.json"
+        want, have = TrainConfig.from_dict(stored).to_dict(), load_train_config(path).to_dict()
+        differ = {k: (have[k], want[k]) for k in want if have[k] != want[k]}
+        assert not differ, f"configs/{folder.name}.json differs from the shipped run (config, shipped): {differ}"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
