@@ -16,6 +16,8 @@ import plotly.colors as pcolors
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from flowcore.flows.layout import to_picture
+
 __all__ = [
     "Panel",
     "OOD_COLOURS",
@@ -52,15 +54,8 @@ def set_colour(name: str, index: int = 0) -> str:
 
 
 def to_display(image: np.ndarray) -> np.ndarray:
-    """``(C, H, W)`` / ``(H, W, C)`` / ``(H, W)`` -> ``(H, W)`` or ``(H, W, 3)`` for drawing."""
-    a = np.asarray(image)
-    if a.ndim == 3 and a.shape[0] in (1, 3) and a.shape[-1] not in (1, 3):
-        a = np.moveaxis(a, 0, -1)
-    if a.ndim == 3 and a.shape[-1] == 1:
-        a = a[..., 0]
-    if a.ndim not in (2, 3):
-        raise ValueError(f"cannot draw an array of shape {np.shape(image)} as an image")
-    return a
+    """``(C, H, W)`` / ``(H, W, C)`` / ``(H, W)`` -> ``(H, W)`` or ``(H, W, 3)`` for drawing (the library's rule)."""
+    return to_picture(image)
 
 
 def _as_rgb_uint8(a: np.ndarray) -> np.ndarray:

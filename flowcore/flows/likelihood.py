@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .layout import to_batch
+
 __all__ = [
     "as_image_tensor",
     "dequantize",
@@ -34,20 +36,12 @@ LOG_256 = math.log(256.0)
 
 
 def as_image_tensor(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) -> uint8 tensor (N, C, H, W).
-
-    A 4-d array whose last axis has 1 or 3 entries is read as channels-last.
-    """
-    t = torch.as_tensor(np.ascontiguousarray(images) if not isinstance(images, Tensor) else images)
+    """uint8 images (N, H, W), (N, H, W, C) or (N, C, H, W) -> uint8 tensor (N, C, H, W) (layout rule:
+    :func:`flowcore.flows.layout.to_batch`)."""
+    t = to_batch(images)
     if t.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 in 0..255, got {t.dtype}")
-    if t.dim() == 3:
-        t = t[:, None]
-    elif t.dim() == 4 and t.shape[-1] in (1, 3) and t.shape[1] not in (1, 3):
-        t = t.permute(0, 3, 1, 2)
-    if t.dim() != 4:
-        raise ValueError(f"expected a batch of images, got shape {tuple(t.shape)}")
-    return t.contiguous()
+    return t
 
 
 def dequantize(

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..flows.bijectors import AffineCoupling, Chain, Squeeze, squeeze, unsqueeze
+from ..flows.layout import to_batch, to_channels_last
 from ..flows.likelihood import as_image_tensor, dequantize, per_image_noise
 from ..flows.models import ImageFlow, MultiScale
 
@@ -101,33 +102,9 @@ def _inference_model(model: ImageFlow, bn_train: bool = False) -> ImageFlow:
     return clone
 
 
-def _as_batch(images: np.ndarray | Tensor, image_shape: tuple[int, int, int]) -> Tensor:
-    """Any accepted image layout -> tensor (N, C, H, W), dtype unchanged."""
-    if isinstance(images, Tensor):
-        t = images.detach()
-    else:
-        t = torch.as_tensor(np.ascontiguousarray(images))
-    c, h, w = image_shape
-    shape = tuple(t.shape)
-    if t.dim() == 2 and shape == (h, w) and c == 1:
-        t = t[None, None]
-    elif t.dim() == 3:
-        if shape == (c, h, w):
-            t = t[None]
-        elif shape == (h, w, c):
-            t = t.permute(2, 0, 1)[None]
-        elif c == 1 and shape[1:] == (h, w):
-            t = t[:, None]
-    elif t.dim() == 4 and shape[1:] != (c, h, w) and shape[1:] == (h, w, c):
-        t = t.permute(0, 3, 1, 2)
-    if t.dim() != 4 or tuple(t.shape[1:]) != (c, h, w):
-        raise ValueError(f"images of shape {shape} do not match the model's image shape {list(image_shape)}")
-    return t.contiguous()
-
-
 def _float_input(model: ImageFlow, v: np.ndarray | Tensor, device: torch.device, single: bool = False) -> Tensor:
     """Model input (N, C, H, W) in the model's dtype on ``device``; uint8 is midpoint-dequantized."""
-    x = _as_batch(v, model.image_shape)
+    x = to_batch(v, model.image_shape)
     if single and x.shape[0] != 1:
         raise ValueError(f"expected one image, got a batch of {x.shape[0]}")
     dtype = _model_dtype(model)
@@ -332,7 +309,7 @@ def latents(
     if n_draws < 1:
         raise ValueError("n_draws must be >= 1")
     dev = _check_device(model, device)
-    x = _as_batch(images_uint8, model.image_shape)
+    x = to_batch(images_uint8, model.image_shape)
     if x.dtype != torch.uint8:
         raise ValueError(f"images must be uint8 in 0..255, got {x.dtype}")
     net = _inference_model(model, bn_train=batchnorm == "train")
@@ -609,5 +586,4 @@ def sample(
     parts = [_to_unit(net.inverse(chunk.to(dev))).cpu() for chunk in z.split(max(1, int(batch_size)))]
     images = torch.cat(parts) if parts else torch.zeros((0, *shape), dtype=z.dtype)
     k = torch.floor(images * 256).clamp(0, 255).to(torch.uint8)
-    k = k[:, 0] if shape[0] == 1 else k.permute(0, 2, 3, 1)
-    return images.numpy(), k.contiguous().numpy()
+    return images.numpy(), to_channels_last(k, shape)

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from torch import nn
 
+from ..flows.layout import to_channels_last
 from ..flows.likelihood import as_image_tensor, log_likelihood_terms, nats_to_bpd
 from .knn import knn_score, normalise  # their one home; kept here for callers
 from .verdicts import is_ood, judge_for, ood_threshold, percentile_of, verdict  # their one home; kept here for callers
@@ -68,18 +69,13 @@ EMBEDDING_SCORES = ("embedding_likelihood", "embedding_gaussian", "embedding_knn
 SCORE_NAMES = tuple(SCORE_DESCRIPTIONS)
 
 
-def _to_hwc(images) -> np.ndarray:
-    x = as_image_tensor(images).permute(0, 2, 3, 1).numpy()
-    return x[..., 0] if x.shape[-1] == 1 else x
-
-
 WEBP_METHOD = 4
 
 
 def compressed_bits(images, codec: str = "png") -> np.ndarray:
     """Bit length of a lossless encoding of each uint8 image (header included, as Serra et al.)."""
     out = np.empty(len(images))
-    for i, arr in enumerate(_to_hwc(images)):
+    for i, arr in enumerate(to_channels_last(as_image_tensor(images))):
         buf = io.BytesIO()
         img = Image.fromarray(arr)
         if codec == "png":
