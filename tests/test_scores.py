@@ -113,8 +113,9 @@ def test_typicality_p_values_are_uniform_in_distribution():
     assert 0.3 < np.mean(p) < 0.7
 
 
-def test_typicality_flags_a_batch_of_mnist_under_the_fashion_model(data_dir):
-    from flowcore.data.datasets import load_images
+def test_typicality_flags_a_batch_of_mnist_under_the_fashion_model():
+    """On the bundled test images (no data folder needed): 10 digits are an atypical batch, 10 garments are not."""
+    from flowcore.data.datasets import load_examples
     from flowcore.ood.evaluate import load_reference
     from flowcore.zoo.checkpoints import list_checkpoints
 
@@ -124,8 +125,8 @@ def test_typicality_flags_a_batch_of_mnist_under_the_fashion_model(data_dir):
     if "train__likelihood" not in ref:
         pytest.skip("fashion_realnvp has no reference statistics yet")
     model = flowcore.load("fashion_realnvp")
-    mnist = load_images("mnist", "test", data_dir)[:10]
-    fashion = load_images("fashion_mnist", "test", data_dir)[-10:]
+    mnist = load_examples("mnist")[:10]
+    fashion = load_examples("fashion_mnist")[-10:]
     _, p_mnist = typicality_batch_test(flowcore.log_likelihood_nats(model, mnist), ref["train__likelihood"],
                                        ref["test__likelihood"])
     _, p_fashion = typicality_batch_test(flowcore.log_likelihood_nats(model, fashion), ref["train__likelihood"],

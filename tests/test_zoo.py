@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import flowcore
-from flowcore.data.datasets import load_images, match_shape
+from flowcore.data.datasets import DatasetNotFound, load_examples, load_images, match_shape
 from flowcore.ood.evaluate import load_reference
 from flowcore.zoo.checkpoints import checkpoints_dir, list_checkpoints, read_config
 
@@ -30,8 +30,26 @@ def test_checkpoint_loads_and_is_small(name):
     assert not model.training
 
 
+def _first_test_images(dataset: str, n: int) -> np.ndarray:
+    """The first ``n`` test images of ``dataset`` from FLOWCORE_DATA_DIR, else the bundled first 16 (official
+    order, the order the reference statistics were computed in); skip, saying why, when neither exists."""
+    try:
+        return load_images(dataset, "test")[:n]
+    except DatasetNotFound:
+        pass
+    try:
+        return load_examples(dataset)[:n]
+    except DatasetNotFound:
+        pytest.skip(f"{dataset} test images are neither bundled (its licence does not allow it) nor in "
+                    "FLOWCORE_DATA_DIR")
+
+
 @pytest.mark.parametrize("name", SHIPPED)
-def test_stored_test_bpd_is_reproduced(name, data_dir):
+def test_stored_statistics_are_reproduced_image_by_image(name):
+    """Each shipped checkpoint's stored per-image log-likelihoods are what the model computes now, image by image:
+    on the first test images of the full set when FLOWCORE_DATA_DIR is set, else on the bundled examples (the same
+    first images), so this runs on a fresh install too. Batches round float32 sums differently (<= 2e-3 nats
+    seen); a changed convention (255 vs 256 moves every image by D log(256/255), ~3 nats at 28x28) fails."""
     cfg = read_config(name)
     ref = load_reference(name)
     if "test__likelihood" not in ref:
@@ -44,28 +62,26 @@ def test_stored_test_bpd_is_reproduced(name, data_dir):
 
         if cfg["dataset"].startswith("breast_cancer"):
             pytest.importorskip("sklearn")
-        rows = torch.from_numpy(load_tabular(cfg["dataset"], "test", data_dir))
+        rows = torch.from_numpy(load_tabular(cfg["dataset"], "test"))
         np.testing.assert_allclose(model.log_prob(rows).double().detach().numpy(), ref["test__likelihood"], rtol=1e-5)
         return
     if cfg.get("features"):  # a flow on image features: re-embed a few test images (the extractor is slow)
         pytest.importorskip("efficientnet_lite_pytorch")
         from flowcore.ood.vectors import image_log_likelihood
 
-        x = load_images(cfg["dataset"], "test", data_dir)[:FEATURE_IMAGES]
+        x = _first_test_images(cfg["dataset"], FEATURE_IMAGES)
         # float32 convolutions of a batch of one may round differently from those of the reference's batches
-        np.testing.assert_allclose(image_log_likelihood(model, x), ref["test__likelihood"][:FEATURE_IMAGES],
+        np.testing.assert_allclose(image_log_likelihood(model, x), ref["test__likelihood"][:len(x)],
                                    rtol=1e-3, atol=0.05)
         nll = -ref["test__likelihood"] / model.config.dim
         assert cfg["reference"]["nll_per_feature_mean"] == pytest.approx(np.mean(nll), abs=1e-4)
         return
-    x = match_shape(load_images(cfg["dataset"], "test", data_dir)[:500], model.config.image_shape)
+    x = match_shape(_first_test_images(cfg["dataset"], 64), model.config.image_shape)
     r = cfg["reference"]
     ll = flowcore.log_likelihood_nats(model, x, n_draws=r["n_draws"], seed=r["seed"])
-    dims = int(np.prod(model.config.image_shape))
-    recomputed = float(np.mean(-ll / (dims * np.log(2))))
-    stored = float(np.mean(-ref["test__likelihood"][:500] / (dims * np.log(2))))
-    assert abs(recomputed - stored) <= 0.02, (recomputed, stored)
+    np.testing.assert_allclose(ll, ref["test__likelihood"][:len(x)], rtol=0, atol=0.01)
     # and the stored summary is the mean over the stored per-image values
+    dims = int(np.prod(model.config.image_shape))
     assert r["bpd_mean"] == pytest.approx(np.mean(-ref["test__likelihood"] / (dims * np.log(2))), abs=1e-4)
 
 
