@@ -318,6 +318,28 @@ def _cmd_app(args: argparse.Namespace) -> int:
     return _run_child(cmd, env)
 
 
+def _cmd_release(args) -> int:
+    from .release import report, steps
+
+    if args.names and args.step != "evaluate":
+        raise ValueError("checkpoint names only apply to flowcore release evaluate")
+    if args.check and args.step not in ("report", "manifest"):
+        raise ValueError("--check only applies to report and manifest")
+    root = steps.checkout_root(args.root)
+    if args.step == "evaluate":
+        if args.data_dir:
+            os.environ["FLOWCORE_DATA_DIR"] = args.data_dir
+        steps.evaluate_zoo(args.names or None, say=lambda line: print(line, flush=True))
+        print("next: flowcore release report")
+        return 0
+    if args.step == "examples":
+        print(steps.write_examples(args.data_dir))
+        return 0
+    ok, message = (report.write if args.step == "report" else steps.write_manifest)(root, check=args.check)
+    print(message)
+    return 0 if ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flowcore", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true",
@@ -400,6 +422,18 @@ def build_parser() -> argparse.ArgumentParser:
     z.add_argument("names", nargs="*")
     z.add_argument("--base-url", default=None, help="mirror of the zoo (default $FLOWCORE_ZOO_URL)")
     z.set_defaults(func=_cmd_zoo)
+
+    r = sub.add_parser("release", help="the zoo's release steps, run in a checkout: evaluate, report, manifest, "
+                                       "examples")
+    r.add_argument("step", choices=["evaluate", "report", "manifest", "examples"],
+                   help="evaluate: reference statistics of shipped checkpoints; report: docs/results.md, the README's "
+                        "results and the model cards; manifest: the download manifest; examples: the bundled images")
+    r.add_argument("names", nargs="*", help="with evaluate: checkpoints (default: every shipped one)")
+    r.add_argument("--check", action="store_true",
+                   help="with report or manifest: write nothing, exit 1 when out of date")
+    r.add_argument("--root", default=None, help="the checkout (default: the working directory)")
+    r.add_argument("--data-dir", default=None, help="dataset root (default $FLOWCORE_DATA_DIR)")
+    r.set_defaults(func=_cmd_release)
 
     a = sub.add_parser("app", help="start the dashboard")
     a.add_argument("--port", type=int, default=8501)

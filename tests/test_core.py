@@ -370,7 +370,7 @@ def test_noise_is_keyed_by_content_and_seed():
 
 # flowcore's rooms, lowest first: a module imports only from its own room or from a lower one (cli.py and the
 # package's __init__ sit above them all). inspection builds on flows alone, as data does.
-LAYERS = {"flows": 0, "data": 1, "inspection": 1, "zoo": 2, "training": 3, "ood": 4, "": 5}
+LAYERS = {"flows": 0, "data": 1, "inspection": 1, "zoo": 2, "training": 3, "ood": 4, "release": 5, "": 5}
 
 
 def flowcore_import_graph() -> dict[str, set[str]]:

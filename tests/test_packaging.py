@@ -88,8 +88,8 @@ def test_zoo_fetch_without_a_mirror_or_of_an_unknown_name_says_why(mirror):
 
 def test_shipped_manifest_matches_the_shipped_checkpoints():
     """`flowcore zoo fetch` checks downloads against this manifest: it must describe the files we ship."""
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "zoo_manifest.py"), "--check"],
-                            capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "flowcore.cli", "release", "manifest", "--check"],
+                            capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -1,6 +1,5 @@
 """Issue 5: every shipped checkpoint loads and reproduces its stored statistics; the report matches."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -8,8 +7,10 @@ import numpy as np
 import pytest
 
 import flowcore
+from flowcore.cli import main
 from flowcore.data.datasets import DatasetNotFound, load_examples, load_images, match_shape
 from flowcore.ood.evaluate import load_reference
+from flowcore.release import report as results
 from flowcore.zoo.checkpoints import checkpoints_dir, list_checkpoints, read_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,24 +86,21 @@ def test_stored_statistics_are_reproduced_image_by_image(name):
     assert r["bpd_mean"] == pytest.approx(np.mean(-ref["test__likelihood"] / (dims * np.log(2))), abs=1e-4)
 
 
-def test_results_report_matches_shipped_files():
-    spec = importlib.util.spec_from_file_location("results", ROOT / "benchmarks" / "results.py")
-    results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(results)
-    text, cards = results.render()
-    assert (ROOT / "docs" / "results.md").read_text() == text, "run python benchmarks/results.py"
+def test_results_report_matches_shipped_files(capsys):
+    """The report, the README's results block and every card are what `flowcore release report` writes now."""
+    text, cards = results.render(ROOT)
+    assert (ROOT / "docs" / "results.md").read_text() == text, "run flowcore release report"
     for name, card in cards.items():
         assert (checkpoints_dir() / name / "README.md").read_text() == card + "\n"
     assert json.dumps(sorted(cards)) == json.dumps(sorted(SHIPPED))
     readme = (ROOT / "README.md").read_text()
     assert results.START in readme
     assert results.readme_with_summary(readme, results.summary_table(text)) == readme
+    assert main(["release", "report", "--check", "--root", str(ROOT)]) == 0
+    assert "up to date" in capsys.readouterr().out
 
 
 def test_one_agreement_rule_for_every_table1_cell():
-    spec = importlib.util.spec_from_file_location("results", ROOT / "benchmarks" / "results.py")
-    results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(results)
     assert results.agreement(5.9, 10.8) == "yes"
     assert results.agreement(63.6, 80.2) == "direction only"  # same side of 50 %, 16.6 points away
     assert results.agreement(65.2, 80.2) == "yes"  # exactly 15 points
@@ -118,9 +116,6 @@ def test_one_agreement_rule_for_every_table1_cell():
 def test_a_table1_cell_reads_the_best_plain_model_and_a_continuation_counts(tmp_path, monkeypatch):
     """Table 1's Glow cell on Fashion-MNIST reads the plain Glow with the lowest test bpd: a longer-trained
     continuation of it counts, a fine-tune on a subset, a negative-training variant or a RealNVP do not."""
-    spec = importlib.util.spec_from_file_location("results", ROOT / "benchmarks" / "results.py")
-    results = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(results)
     monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(tmp_path))
     glow = {"arch": "glow", "image_shape": [1, 28, 28]}
 

@@ -25,7 +25,7 @@ rate to plan epochs from in advance: the probe is that measurement, and ``report
 What comes back: one ``NAME.tar`` per model (weights, config, run log; no optimizer state; about 12 MB, under
 the device tool's 16 MiB a file) and ``report.json``: six files, within its limit of eight. Unpack each here,
 copy the export into ``checkpoints/`` if it beats the shipped model, compute its reference statistics on the
-CPU with ``python benchmarks/evaluate_zoo.py NAME`` and say in its card where it was trained (the config keeps
+CPU with ``flowcore release evaluate NAME`` and say in its card where it was trained (the config keeps
 ``device``).
 
 ``--smoke`` runs exactly this on the CPU with each config cut to a few small batches (30 s or so for the plan):

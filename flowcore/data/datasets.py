@@ -70,7 +70,7 @@ __all__ = [
 ]
 
 DATASETS = ("fashion_mnist", "mnist", "notmnist", "cifar10", "celeba32", "svhn")
-# A few test images of each set whose licence allows it ship inside the package (tools/make_examples.py), so
+# A few test images of each set whose licence allows it ship inside the package (flowcore release examples), so
 # the dashboard has examples without FLOWCORE_DATA_DIR. Never used for training or evaluation.
 EXAMPLES_FILE = Path(__file__).resolve().parents[1] / "examples" / "examples.npz"  # flowcore/examples
 EXAMPLE_SETS = ("fashion_mnist", "mnist", "notmnist", "cifar10")

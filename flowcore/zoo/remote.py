@@ -1,6 +1,6 @@
 """The model zoo: which checkpoints exist, where each one is, and fetching more from a mirror.
 
-The manifest (``flowcore/bundled/manifest.json``, written by ``python tools/zoo_manifest.py`` from the repository's
+The manifest (``flowcore/bundled/manifest.json``, written by ``flowcore release manifest`` from the repository's
 ``checkpoints/``) lists every shipped checkpoint's files with their size and SHA-256. ``flowcore zoo fetch NAME``
 downloads them from ``BASE_URL/NAME/FILE`` into the per-user zoo (``$FLOWCORE_CACHE/checkpoints``): each file is
 verified before it is kept, and the checkpoint's folder appears only once all of its files are there, so a
@@ -42,7 +42,7 @@ def manifest(path: Path | None = None) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def make_manifest(root: Path) -> dict[str, Any]:
-    """The manifest of every checkpoint folder under ``root`` (what ``tools/zoo_manifest.py`` writes)."""
+    """The manifest of every checkpoint folder under ``root`` (what ``flowcore release manifest`` writes)."""
     entries = {}
     for name in list_checkpoints(root):
         folder = root / name
