@@ -159,9 +159,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serve(env: dict[str, str | None] | None = None, log: Path | None = None, timeout: float = 90) -> Iterator[str]:
-    """The dashboard (``streamlit run``) on a free local port; yields its URL. ``env``: variables to set (None:
-    unset)."""
+def serve(env: dict[str, str | None] | None = None, log: Path | None = None, timeout: float = 90,
+          command: list[str] | None = None, cwd: Path | None = None) -> Iterator[str]:
+    """The dashboard (``streamlit run`` of this checkout, or ``command + ["--port", PORT]``, e.g. an installed
+    ``flowcore app``) on a free local port; yields its URL. ``env``: variables to set (None: unset)."""
     environ = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
@@ -169,15 +170,18 @@ def serve(env: dict[str, str | None] | None = None, log: Path | None = None, tim
         else:
             environ[key] = value
     port = free_port()
-    cmd = [sys.executable, "-m", "streamlit", "run", str(HOME), "--server.port", str(port)]
-    cmd += ["--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none"]
-    cmd += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]  # no "Deploy" button
+    if command is not None:
+        cmd = [*command, "--port", str(port)]
+    else:
+        cmd = [sys.executable, "-m", "streamlit", "run", str(HOME), "--server.port", str(port)]
+        cmd += ["--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none"]
+        cmd += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]  # no "Deploy" button
     if log is None:
         fd, name = tempfile.mkstemp(prefix="flowcore_streamlit_", suffix=".log")
         os.close(fd)
         log = Path(name)
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + timeout

@@ -1,8 +1,14 @@
 import contextlib
+import dataclasses
 import functools
 import http.server
 import os
+import shutil
+import subprocess
+import sys
+import sysconfig
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -60,3 +66,47 @@ def serve_folder(folder):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@dataclasses.dataclass(frozen=True)
+class WheelInstall:
+    python: Path  # the fresh venv's interpreter
+    flowcore: Path  # its flowcore command
+    env: dict[str, str]  # the environment to run it in: no FLOWCORE_* variable, HOME and the cache in tmp
+    work: Path  # an unrelated working folder
+
+
+def install_built_wheel(tmp_path: Path, root: Path) -> WheelInstall:
+    """Build the wheel from a clean copy of the sources (a stale build/ folder in the checkout must not hide a
+    broken build; only the default model and its background model among the checkpoints) and install it into a
+    fresh venv whose dependencies, torch included, are those of this environment, reached through a path file."""
+    src = tmp_path / "src"
+
+    def skipped(folder: str, names: list[str]) -> list[str]:
+        drop = {".git", ".venv", "build", "dist", "runs", "tests", "docs", "__pycache__", ".cache"}
+        if Path(folder) == root / "checkpoints":
+            drop |= {n for n in names if n not in ("fashion_realnvp", "fashion_realnvp_background")}
+        return [n for n in names if n in drop or n.endswith(".egg-info")]
+
+    shutil.copytree(root, src, ignore=skipped)
+    dist = tmp_path / "dist"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
+                    str(src)], check=True, cwd=tmp_path)
+    (wheel,) = dist.glob("flowcore-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True)
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    # dependencies only: a plain path line does not run this environment's own .pth files (the editable install)
+    Path(site, "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWCORE_")}
+    env.update(HOME=str(tmp_path / "home"), FLOWCORE_CACHE=str(tmp_path / "cache"), PYTHONNOUSERSITE="1")
+    where = subprocess.run([str(python), "-c", "import flowcore; print(flowcore.__file__)"], cwd=work, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert where.startswith(site), where  # the wheel's copy, not the checkout
+    return WheelInstall(python, venv / "bin" / "flowcore", env, work)

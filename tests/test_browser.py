@@ -462,3 +462,36 @@ def test_train_own_page_trains_live_queues_a_second_session_and_opens_the_model(
     second.locator('[data-testid="stMain"]').get_by_role("button", name="Cancel").click()
     expect(second.locator('[data-testid="stMain"]')).to_contain_text(re.compile("cancelled|is in your zoo"),
                                                                      timeout=TIMEOUT)
+
+
+def test_the_installed_wheels_dashboard_works_on_every_page_after_an_upload(browser: Any, tmp_path: Path) -> None:
+    """The dashboard as a user of the wheel meets it: the wheel installed into a fresh venv and started by its own
+    ``flowcore app`` outside the checkout, with no data folder and no FLOWCORE_* setting (so only what the wheel
+    carries: the default model, the background model it names, the bundled examples). After one upload the Score
+    page gives a verdict with the likelihood-ratio score and every page, tour included, opens without an error."""
+    from conftest import install_built_wheel
+    from PIL import Image
+
+    wheel = install_built_wheel(tmp_path, ROOT)
+    env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("FLOWCORE_")}
+    env.update(wheel.env)
+    env["OMP_NUM_THREADS"] = "1"
+    shirt = tmp_path / "shirt.png"
+    Image.fromarray((np.random.default_rng(1).random((28, 28)) * 255).astype(np.uint8)).save(shirt)
+    with shots.serve(env, log=tmp_path / "streamlit.log", command=[str(wheel.flowcore), "app"],
+                     cwd=wheel.work) as url:
+        ctx = browser.new_context(viewport=shots.VIEWPORT)
+        ctx.set_default_timeout(TIMEOUT)
+        try:
+            page = ctx.new_page()
+            shots.open_app(page, url)
+            shots.upload(page, [shirt], TIMEOUT)
+            shots.go_to(page, next(s for s in shots.PAGES if s.name == "score"), TIMEOUT)
+            shots.check_page(page)
+            m = shots.metrics(page)
+            assert m["verdict at 5% FPR (likelihood)"] in ("OOD", "in-distribution"), m
+            assert "likelihood_ratio" in shots.main_text(page)
+            visits = shots.visit_every_page(page, None, TIMEOUT)
+            assert list(visits) == [s.name for s in shots.PAGES]
+        finally:
+            ctx.close()

@@ -4,12 +4,10 @@ built wheel that works in a fresh environment, outside the source checkout."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -18,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import perturb_, serve_folder
+from conftest import install_built_wheel, perturb_, serve_folder
 from PIL import Image
 
 import flowcore
@@ -121,39 +119,10 @@ def test_built_wheel_scores_and_serves_the_dashboard_outside_the_checkout(tmp_pa
     environment, reached through a path file), and from an unrelated folder score an image with the bundled
     default model and start the dashboard until its health endpoint answers."""
     pytest.importorskip("streamlit")
-    # build from a clean copy of the sources: a stale build/ folder in the checkout must not hide a broken build
-    src = tmp_path / "src"
-
-    def skipped(folder: str, names: list[str]) -> list[str]:
-        drop = {".git", ".venv", "build", "dist", "runs", "tests", "docs", "__pycache__"}
-        if Path(folder) == ROOT / "checkpoints":
-            drop |= {n for n in names if n not in ("fashion_realnvp", "fashion_realnvp_background")}
-        return [n for n in names if n in drop or n.endswith(".egg-info")]
-
-    shutil.copytree(ROOT, src, ignore=skipped)
-    dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(dist),
-                    str(src)], check=True, cwd=tmp_path)
-    (wheel,) = dist.glob("flowcore-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
-                    str(wheel)], check=True)
-    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
-    # dependencies only: a plain path line does not run this environment's own .pth files (the editable install)
-    Path(site, "_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    work = tmp_path / "elsewhere"
-    work.mkdir()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWCORE_")}
-    env.update(HOME=str(tmp_path / "home"), FLOWCORE_CACHE=str(tmp_path / "cache"), PYTHONNOUSERSITE="1")
-    where = subprocess.run([str(python), "-c", "import flowcore; print(flowcore.__file__)"], cwd=work, env=env,
-                           capture_output=True, text=True, check=True).stdout.strip()
-    assert where.startswith(site), where  # the wheel's copy, not the checkout
+    wheel = install_built_wheel(tmp_path, ROOT)
+    work, env, flowcore_cmd = wheel.work, wheel.env, wheel.flowcore
     image = work / "shirt.png"
     Image.fromarray((np.random.default_rng(0).random((28, 28)) * 255).astype(np.uint8)).save(image)
-    flowcore_cmd = venv / "bin" / "flowcore"
     scored = subprocess.run([str(flowcore_cmd), "score", "fashion_realnvp", str(image), "--format", "json",
                              "--no-progress"], cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert scored.returncode == 0, scored.stderr
@@ -183,7 +152,7 @@ def test_built_wheel_scores_and_serves_the_dashboard_outside_the_checkout(tmp_pa
     finally:
         app.terminate()
         app.wait(timeout=30)
-    shutil.rmtree(venv, ignore_errors=True)
+    shutil.rmtree(wheel.python.parent.parent, ignore_errors=True)
 
 
 def test_the_repository_tracks_no_optimizer_state_and_every_shipped_run_log():
