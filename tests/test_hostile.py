@@ -27,7 +27,7 @@ from flowcore.cli import main
 from flowcore.data.images import ImageError, decode_image, preprocess
 from flowcore.flows.config import FlowConfig
 from flowcore.training.train import TrainConfig, load_train_config, train
-from flowcore.zoo.checkpoints import CheckpointError, save
+from flowcore.zoo.checkpoints import CheckpointError, list_checkpoints, save, staged_checkpoint
 
 ARCH = dict(arch="realnvp", image_shape=[1, 8, 8], scales=2, hidden=4, blocks=1)
 
@@ -404,6 +404,48 @@ def test_export_into_a_folder_with_a_models_files_but_no_weights_is_refused(tmp_
     assert code == 2 and not (tmp_path / "r").exists()
     _one_line_error(err, "already holds a model's files", "README.md", "--replace")
     assert _files(target) == before
+
+
+def test_a_writer_killed_mid_export_leaves_no_folder_behind_for_good(tmp_path):
+    """A process killed (SIGKILL: no clean-up runs) while it stages a checkpoint leaves its hidden staging folder;
+    the next export or evaluation of that checkpoint removes it, while a live writer's stage is left alone, and the
+    checkpoint itself was never touched."""
+    import signal
+    import subprocess
+    import sys
+
+    ck = _checkpoint(tmp_path / "ck")
+    before = _files(ck)
+    killed = subprocess.run(
+        [sys.executable, "-c", "import os, signal, sys\n"
+         "from flowcore.zoo.checkpoints import staged_checkpoint\n"
+         "with staged_checkpoint(sys.argv[1]) as stage:\n"
+         "    (stage / 'model.safetensors').write_bytes(b'half a model')\n"
+         "    os.kill(os.getpid(), signal.SIGKILL)\n", str(ck)],
+        capture_output=True)
+    assert killed.returncode == -signal.SIGKILL
+    orphans = [p for p in tmp_path.iterdir() if p.name.startswith(".ck.")]
+    assert len(orphans) == 1 and orphans[0].is_dir()
+    assert _files(ck) == before and list_checkpoints(tmp_path) == ["ck"]
+    live = tmp_path / f".ck.{os.getpid()}.abcdefgh.staging"  # this process is alive: a writer at work
+    live.mkdir()
+    other = tmp_path / f".ckx.{killed_pid_stand_in()}.abcdefgh.staging"  # another checkpoint's: not ours to remove
+    other.mkdir()
+    with staged_checkpoint(ck) as stage:
+        (stage / "note.txt").write_text("new")
+    assert not orphans[0].exists() and live.is_dir() and other.is_dir()
+    assert (ck / "note.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ck.")) == [live.name]
+
+
+def killed_pid_stand_in() -> int:
+    """The process id of a process that has exited."""
+    import subprocess
+    import sys
+
+    done = subprocess.Popen([sys.executable, "-c", "pass"])
+    done.wait()
+    return done.pid
 
 
 def test_replace_export_is_all_or_nothing_when_the_disk_fills(tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -277,7 +278,9 @@ def staged_checkpoint(folder: str | os.PathLike) -> Iterator[Path]:
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder}: not a folder, cannot hold a checkpoint")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=STAGING_SUFFIX, dir=folder.parent))
+    _remove_orphaned_stages(folder)
+    # the writer's process id in the name: a stage whose writer is gone (killed) is removed by the next writer
+    stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", suffix=STAGING_SUFFIX, dir=folder.parent))
     try:
         old = read_json_dict(folder / CONFIG)
         if old:
@@ -286,6 +289,29 @@ def staged_checkpoint(folder: str | os.PathLike) -> Iterator[Path]:
         _swap_in(stage, folder)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    except OverflowError:  # not a process id at all
+        return False
+    return True
+
+
+def _remove_orphaned_stages(folder: Path) -> None:
+    """Remove the staging folders of ``folder`` that a killed writer left (``.NAME.PID.xxxxxxxx.staging`` whose
+    process no longer runs). They are hidden, so nothing lists them, but they would stay on disk forever; a live
+    writer's stage (another export or evaluation of the same folder) is left alone."""
+    mine = re.compile(rf"\.{re.escape(folder.name)}\.(\d+)\.[a-z0-9_]{{8}}{re.escape(STAGING_SUFFIX)}")
+    for stale in folder.parent.iterdir():
+        match = mine.fullmatch(stale.name)
+        if match and stale.is_dir() and not stale.is_symlink() and not _process_alive(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def read_json_dict(path: Path) -> dict[str, Any]:
