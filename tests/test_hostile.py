@@ -668,6 +668,25 @@ def test_hostile_reference_summary_is_one_checkpoint_error(tmp_path, capsys, ref
     _one_line_error(err, "flowcore score: error:", message)
 
 
+def test_a_reference_array_claiming_gigabytes_is_refused_by_its_header(tmp_path, capsys):
+    """A .npy header is a promise of size that NumPy allocates before reading: 37 GB claimed in a 200-byte member
+    is one line (not a MemoryError traceback), found from the header in a moment."""
+    import io
+    import zipfile
+
+    ck = _checkpoint(tmp_path / "ck")
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (4_600_000_000,)})
+    with zipfile.ZipFile(ck / "reference.npz", "w") as z:
+        z.writestr("test__likelihood.npy", header.getvalue() + np.zeros(8).tobytes())
+    good = tmp_path / "good.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(good)
+    t0 = time.perf_counter()
+    code, out, err = _run(capsys, "score", str(ck), str(good), "--no-progress")
+    assert code == 2 and out == "" and time.perf_counter() - t0 < 30
+    _one_line_error(err, "flowcore score: error:", "test__likelihood.npy claims 36,800 MB", "holds 192 bytes")
+
+
 def test_deeply_nested_checkpoint_config_is_one_line(tmp_path, capsys):
     from flowcore.zoo.checkpoints import read_config
 

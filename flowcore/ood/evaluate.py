@@ -54,11 +54,13 @@ def load_reference(name_or_path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(path) as z:  # sizes from the zip directory, before anything is inflated
             unpacked = sum(i.file_size for i in z.infolist())
-        if unpacked > MAX_REFERENCE_BYTES:
-            raise CheckpointError(
-                f"{path}: reference statistics would unpack to {unpacked / 1e6:.0f} MB "
-                f"(more than {MAX_REFERENCE_BYTES / 1e6:.0f} MB): refusing to load"
-            )
+            if unpacked > MAX_REFERENCE_BYTES:
+                raise CheckpointError(
+                    f"{path}: reference statistics would unpack to {unpacked / 1e6:.0f} MB "
+                    f"(more than {MAX_REFERENCE_BYTES / 1e6:.0f} MB): refusing to load"
+                )
+            for member in z.infolist():
+                _check_array_header(path, z, member)
         with np.load(path, allow_pickle=False) as d:
             out = {k: np.asarray(d[k]) for k in d.files}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
@@ -73,6 +75,19 @@ def load_reference(name_or_path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{path}: {key!r} holds {bad} non-finite value(s); re-run flowcore evaluate")
     _check_reference_size(path, out)
     return out
+
+
+def _check_array_header(path: Path, z: zipfile.ZipFile, member: zipfile.ZipInfo) -> None:
+    """An array's .npy header states its shape, and NumPy allocates that much before reading a byte of data: a
+    header claiming 37 GB in a file of a few bytes must be refused by the header, not by a MemoryError."""
+    with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f, max_header_size=10_000)
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed > member.file_size:
+        raise CheckpointError(f"{path}: {member.filename} claims {claimed / 1e6:,.0f} MB of values but holds "
+                              f"{member.file_size:,} bytes: refusing to load")
 
 
 def _check_reference_size(path: Path, reference: dict[str, np.ndarray]) -> None:
