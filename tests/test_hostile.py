@@ -486,6 +486,30 @@ def test_replace_export_is_all_or_nothing_when_the_disk_fills(tmp_path, monkeypa
     assert sorted(p.name for p in shipped.parent.iterdir()) == ["tiny"]
 
 
+def test_the_weights_writers_own_disk_full_error_is_one_line(tmp_path, monkeypatch, capsys):
+    """safetensors reports a full disk as a SafetensorError (its message, seen on a full 1 MB tmpfs, below), not an
+    OSError: the export still says 'disk full' in one line and leaves the old checkpoint and no staging folder."""
+    from safetensors import SafetensorError
+
+    from flowcore.zoo import checkpoints
+
+    cfg = _tiny_training(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    shipped = _checkpoint(tmp_path / "zoo" / "tiny")
+    before = _files(shipped)
+
+    def full(state, filename, *a, **kw):
+        Path(filename).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(checkpoints, "save_file", full)
+    code, _, err = _run(capsys, "train", str(cfg), "--run-dir", "r", "--export", str(shipped), "--replace",
+                        "--no-progress")
+    assert code == 2
+    _one_line_error(err, "disk full while writing", "model.safetensors")
+    assert _files(shipped) == before and sorted(p.name for p in shipped.parent.iterdir()) == ["tiny"]
+
+
 def test_a_killed_fetch_leaves_nothing_that_lists_as_a_model(tmp_path, monkeypatch, capsys):
     from flowcore.zoo.checkpoints import list_checkpoints
 

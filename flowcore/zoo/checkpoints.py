@@ -218,6 +218,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix:
         raise
 
 
+def _write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' writer reports a full disk as a SafetensorError naming the OS error; it is an OSError here, so a
+    full disk is said as such (and handled like any other write) instead of escaping as a traceback."""
+    try:
+        save_file(state, str(path))
+    except SafetensorError as e:
+        code = errno.ENOSPC if "os error 28" in str(e) or "No space left" in str(e) else errno.EIO
+        raise OSError(code, f"cannot write {path.name} ({e})") from None
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
@@ -232,7 +242,7 @@ def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(path / WEIGHTS, lambda tmp: save_file(state, str(tmp)), suffix=".safetensors")
+    atomic_write(path / WEIGHTS, lambda tmp: _write_weights(state, tmp), suffix=".safetensors")
     old = {}
     if (path / CONFIG).is_file():
         try:
