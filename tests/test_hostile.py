@@ -510,6 +510,31 @@ def test_the_weights_writers_own_disk_full_error_is_one_line(tmp_path, monkeypat
     assert _files(shipped) == before and sorted(p.name for p in shipped.parent.iterdir()) == ["tiny"]
 
 
+def test_a_training_state_that_cannot_be_written_is_an_os_error_not_torchs_runtime_error(tmp_path):
+    """torch.save straight to a file reports a failed write (a full disk: 'unexpected pos 704 vs 598', seen on a
+    full tmpfs) as a RuntimeError, which the CLI would show as a traceback. Here a file-size limit makes the write
+    fail for real: the state save raises the OSError, and neither the old state nor a temporary file is changed."""
+    import subprocess
+    import sys
+
+    (tmp_path / "state.pt").write_bytes(b"old state")
+    code = (
+        "import errno, resource, signal, sys, torch\n"
+        "from pathlib import Path\n"
+        "from flowcore.training.train import _atomic_torch_save\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))\n"
+        "try:\n"
+        "    _atomic_torch_save({'weights': torch.zeros(1_000_000)}, Path(sys.argv[1]) / 'state.pt')\n"
+        "except OSError as e:\n"
+        "    print('OSError', errno.errorcode.get(e.errno))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "OSError EFBIG", done.stdout + done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt"]
+    assert (tmp_path / "state.pt").read_bytes() == b"old state"
+
+
 def test_a_killed_fetch_leaves_nothing_that_lists_as_a_model(tmp_path, monkeypatch, capsys):
     from flowcore.zoo.checkpoints import list_checkpoints
 

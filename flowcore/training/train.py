@@ -24,6 +24,7 @@ steps, so a run can be resumed with any number of processes. Only rank 0 writes 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -243,7 +244,11 @@ def lr_at(cfg: TrainConfig, step: int, total_steps: int, warm_from: int = 0) -> 
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    """Serialise in memory, then write the bytes: torch's zip writer reports a full disk as a RuntimeError
+    ('unexpected pos 704 vs 598'), a plain write as the OSError it is (ENOSPC: 'disk full', one line)."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
 
 
 def negative_term(log_q: Tensor, threshold: float, world: int = 1) -> Tensor:
