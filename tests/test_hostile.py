@@ -286,7 +286,7 @@ def test_training_run_is_not_overwritten_silently(tmp_path):
 def test_disk_full_leaves_no_temp_file_and_says_so(tmp_path):
     import errno
 
-    from flowcore.zoo.checkpoints import atomic_write
+    from flowcore.data.files import atomic_write
 
     target = tmp_path / "state.pt"
     target.write_bytes(b"old")

@@ -5,15 +5,15 @@ size and SHA-256, and renamed into place only when it matches (datasets: :mod:`f
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .files import atomic_write
 
 __all__ = ["DownloadError", "ChecksumError", "RemoteFile", "default_deadline", "fetch", "sha256_of"]
 
@@ -83,6 +83,37 @@ def _limit_wait(resp, seconds: float) -> None:
         sock.settimeout(seconds)
 
 
+class _Mismatch(Exception):
+    """A mirror served a file of the wrong size or digest (the next mirror may serve the right one)."""
+
+
+def _stream(url: str, tmp: Path, rf: RemoteFile, timeout: float, clock: _Deadline,
+            progress: Callable[[str, int, int], None] | None) -> None:
+    """Download ``url`` into ``tmp``, hashing as it arrives; raise :class:`_Mismatch` unless it is ``rf`` exactly."""
+    h = hashlib.sha256()
+    done = 0
+    req = urllib.request.Request(url, headers={"User-Agent": "flowcore-data/0.1"})
+    with open(tmp, "wb") as out, urllib.request.urlopen(req, timeout=clock.wait(timeout)) as resp:
+        while True:
+            _limit_wait(resp, clock.wait(timeout))
+            # read1: whatever has arrived (at most 1 MiB), so a trickle returns and the deadline is seen;
+            # read(n) would wait for all n bytes
+            chunk = resp.read1(1 << 20)
+            if not chunk:
+                break
+            done += len(chunk)
+            if done > rf.size:
+                break
+            h.update(chunk)
+            out.write(chunk)
+            if progress is not None:
+                progress(rf.filename, done, rf.size)
+    digest = h.hexdigest()
+    if done != rf.size or digest != rf.sha256:
+        got = f"{done} bytes" if done != rf.size else f"sha256 {digest}"
+        raise _Mismatch(f"checksum mismatch (expected {rf.size} bytes, sha256 {rf.sha256}; got {got})")
+
+
 def fetch(
     urls: tuple[str, ...],
     target: Path,
@@ -101,43 +132,16 @@ def fetch(
         if not re.match(r"https?://", url):
             errors.append(f"{url}: only http(s) URLs are allowed")
             continue
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{rf.filename}.", suffix=".part", dir=target.parent)
-        tmp = Path(tmp_name)
         try:
-            h = hashlib.sha256()
-            done = 0
-            req = urllib.request.Request(url, headers={"User-Agent": "flowcore-data/0.1"})
-            with os.fdopen(fd, "wb") as out, urllib.request.urlopen(req, timeout=clock.wait(timeout)) as resp:
-                while True:
-                    _limit_wait(resp, clock.wait(timeout))
-                    # read1: whatever has arrived (at most 1 MiB), so a trickle returns and the deadline is seen;
-                    # read(n) would wait for all n bytes
-                    chunk = resp.read1(1 << 20)
-                    if not chunk:
-                        break
-                    done += len(chunk)
-                    if done > rf.size:
-                        break
-                    h.update(chunk)
-                    out.write(chunk)
-                    if progress is not None:
-                        progress(rf.filename, done, rf.size)
-                out.flush()
-                os.fsync(out.fileno())
-            digest = h.hexdigest()
-            if done != rf.size or digest != rf.sha256:
-                mismatch = True
-                got = f"{done} bytes" if done != rf.size else f"sha256 {digest}"
-                errors.append(f"{url}: checksum mismatch (expected {rf.size} bytes, sha256 {rf.sha256}; got {got})")
-                continue
-            os.replace(tmp, target)
+            atomic_write(target, lambda tmp, url=url: _stream(url, tmp, rf, timeout, clock, progress), suffix=".part")
             return
+        except _Mismatch as e:
+            mismatch = True
+            errors.append(f"{url}: {e}")
         except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", None) or e
             if clock.left() <= 0:  # a socket timeout cut short by the deadline: say which limit it was
                 reason = f"gave up after {clock.seconds:g} s (the deadline for the whole file)"
             errors.append(f"{url}: {reason}")
-        finally:
-            tmp.unlink(missing_ok=True)
     cls = ChecksumError if mismatch else DownloadError
     raise cls(f"could not download {rf.filename}: " + "; ".join(errors))

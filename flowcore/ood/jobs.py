@@ -34,8 +34,9 @@ from typing import Any
 
 import numpy as np
 
+from ..data.files import atomic_write
 from ..data.images import IMAGE_SUFFIXES
-from ..zoo.checkpoints import atomic_write, cache_dir, read_json_dict, write_json
+from ..zoo.checkpoints import cache_dir, read_json_dict, write_json
 
 __all__ = [
     "MAX_FILES", "MAX_UNPACKED_BYTES", "LIVE_IMAGES", "MINUTES_CAP_ENV", "JobError", "jobs_dir", "unpack_zip",

@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 
+from ..data.files import atomic_write
 from ..data.images import ImageError, decode_image, display_path, find_image_files, preprocess
 from ..training.train import TrainConfig
-from ..zoo.checkpoints import atomic_write, cache_dir, list_checkpoints, own_models_dir, read_config, write_json
+from ..zoo.checkpoints import cache_dir, list_checkpoints, own_models_dir, read_config, write_json
 
 __all__ = ["PRESETS", "MIN_IMAGES", "MIN_TEST", "ImageSet", "read_image_folder", "all_single_channel", "own_config",
            "check_name", "train_on_images"]

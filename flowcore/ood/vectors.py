@@ -22,10 +22,11 @@ import torch
 
 from ..data import embeddings
 from ..data.datasets import DatasetNotFound, load_images, set_label
+from ..data.files import atomic_write
 from ..flows.models import build
 from ..training.distributed import torch_threads
 from ..training.train import TABULAR, RunLog, TrainConfig, export_folder, lock_run_folder, lr_at, optimizer_for
-from ..zoo.checkpoints import KNN, PROJECTION, atomic_write, cache_dir, save, staged_checkpoint
+from ..zoo.checkpoints import KNN, PROJECTION, cache_dir, save, staged_checkpoint
 from .knn import knn_score, normalise
 
 __all__ = [

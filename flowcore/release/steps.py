@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from ..data.datasets import EXAMPLE_SETS, EXAMPLES_FILE, EXAMPLES_PER_SET, load_images
+from ..data.files import atomic_write
 from ..ood.evaluate import evaluate
-from ..zoo.checkpoints import atomic_write, list_checkpoints, read_config
+from ..zoo.checkpoints import list_checkpoints, read_config
 from ..zoo.remote import MANIFEST, make_manifest
 
 # The subsets each card states: a train subset for the typicality score's H, the full test set, up to 5,000 images

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..data.files import atomic_write
 from ..flows.config import FlowConfig
 from ..flows.models import build
 
@@ -192,30 +193,6 @@ def resolve(name_or_path: str | os.PathLike) -> Path:
     if not p.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {p}")
     return p
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], suffix: str = "") -> None:
-    """Write ``path`` all or nothing: ``write(tmp)`` fills a temporary file beside it, which is synced and
-    renamed over ``path``. On any failure (a full disk, a kill signal's exception) the temporary file is
-    removed and ``path`` is left as it was; a full disk is named as such."""
-    path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix or ".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; checkpoints are meant to be shared
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise OSError(e.errno, f"disk full while writing {path} (nothing was replaced)") from None
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _write_weights(state: dict[str, torch.Tensor], path: Path) -> None:
