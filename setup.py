@@ -11,7 +11,6 @@ from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_MODEL = "fashion_realnvp"  # flowcore.zoo.checkpoints.DEFAULT_MODEL
-FILES = ("model.safetensors", "config.json", "reference.npz", "README.md", "histogram.png")
 
 
 class BuildWithDefaultModel(build_py):
@@ -27,9 +26,11 @@ class BuildWithDefaultModel(build_py):
                                         "ship a model that cannot score")
             target = Path(self.build_lib) / "flowcore" / "bundled" / model
             target.mkdir(parents=True, exist_ok=True)
-            for name in FILES:
-                if (ROOT / "checkpoints" / model / name).is_file():
-                    self.copy_file(str(ROOT / "checkpoints" / model / name), str(target / name))
+            # every file of the folder (flowcore.zoo.checkpoints.FOLDER_FILES names them; importing it here would
+            # need torch at build time): hidden ones are work in progress
+            for file in sorted((ROOT / "checkpoints" / model).iterdir()):
+                if file.is_file() and not file.name.startswith("."):
+                    self.copy_file(str(file), str(target / file.name))
 
 
 setup(cmdclass={"build_py": BuildWithDefaultModel})
