@@ -144,12 +144,15 @@ def test_crash_during_save_keeps_previous_state(tiny_data, tmp_path, monkeypatch
     state_path = tmp_path / "r" / "state.pt"
     before = torch.load(state_path, weights_only=True)
 
-    def broken_save(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"half a file")
+    real_write_bytes = Path.write_bytes
+
+    def half_then_full(self, data):  # the state's bytes are half written when the disk fills
+        if not self.name.startswith(".state.pt."):
+            return real_write_bytes(self, data)
+        real_write_bytes(self, bytes(data)[: len(data) // 2])
         raise OSError("disk full")
 
-    monkeypatch.setattr(train_mod.torch, "save", broken_save)
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
     with pytest.raises(OSError):
         train(_cfg(npz), run_dir=tmp_path / "r", resume=True, max_steps=1, progress=False)
     after = torch.load(state_path, weights_only=True)
@@ -473,3 +476,48 @@ def test_a_runs_thread_setting_does_not_leak_into_the_caller(tiny_data, tmp_path
     with pytest.raises(RuntimeError):
         train(_cfg(npz, threads=wanted, epochs=1), run_dir=tmp_path / "b", progress=False, on_epoch=fail)
     assert torch.get_num_threads() == before
+
+
+def test_tf32_is_off_during_gpu_work_only_and_restored_after(monkeypatch):
+    """Process settings belong to the work, not to resolving a device: on a CUDA device every training, evaluation
+    and scoring call runs with TF32 off (its 10-bit mantissa would move likelihoods), and torch's settings come
+    back afterwards, also after a failure; on the CPU nothing is touched. (The flags are settable without a GPU.)"""
+    from flowcore.ood.evaluate import evaluate
+    from flowcore.ood.scoring import score_files
+    from flowcore.ood.vectors import train_vectors
+    from flowcore.training import distributed as dist
+    from flowcore.training.train import train
+
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    torch_defaults = [f.allow_tf32 for f in flags]
+    for f in flags:
+        f.allow_tf32 = True
+    monkeypatch.delenv("FLOWCORE_ALLOW_TF32", raising=False)
+    try:
+        _check_tf32_scoping(flags, monkeypatch, dist)
+    finally:
+        for f, value in zip(flags, torch_defaults, strict=True):
+            f.allow_tf32 = value
+    for entry in (train, evaluate, score_files, train_vectors):  # every entry point of work carries it
+        assert entry.__wrapped__ is not None
+
+
+def _check_tf32_scoping(flags, monkeypatch, dist) -> None:
+    assert dist.resolve_device("cpu") == "cpu" and all(f.allow_tf32 for f in flags)
+    seen = []
+
+    @dist.float32_work
+    def work(x, device="cpu"):
+        seen.append([f.allow_tf32 for f in flags])
+        if x == "fail":
+            raise RuntimeError("failed mid-way")
+        return x
+
+    assert work(1, device="cuda:0") == 1 and work(2, "cuda") == 2 and work(3) == 3
+    with pytest.raises(RuntimeError):
+        work("fail", device="cuda")
+    assert seen == [[False, False], [False, False], [True, True], [False, False]]
+    assert all(f.allow_tf32 for f in flags)
+    monkeypatch.setenv("FLOWCORE_ALLOW_TF32", "1")
+    work(4, device="cuda")
+    assert seen[-1] == [True, True]

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 
 from ..data.datasets import DATASETS, DatasetNotFound, load_images, match_shape, set_label
+from ..data.files import atomic_write
 from ..flows.likelihood import nats_to_bpd
+from ..training.distributed import float32_work
 from ..zoo.checkpoints import (
     HISTOGRAM,
     MAX_DRAWS,
     REFERENCE,
     CheckpointError,
-    atomic_write,
     load,
     read_config,
     resolve,
@@ -124,6 +125,7 @@ def auroc_table(reference: dict[str, np.ndarray], in_set: str = "test") -> dict[
     return table
 
 
+@float32_work
 def evaluate(
     checkpoint: str | os.PathLike,
     data_dir: str | None = None,

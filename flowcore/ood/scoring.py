@@ -10,11 +10,13 @@ from typing import Any
 
 import numpy as np
 
+from ..training.distributed import float32_work
 from .scores import CSV_FIELDS, EMBEDDING_SCORES, SCORE_NAMES, compute_scores, result_rows, with_embedding_reference
 
 __all__ = ["score_files", "write_rows", "csv_cell"]
 
 
+@float32_work
 def score_files(
     checkpoint,
     paths,

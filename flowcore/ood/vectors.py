@@ -24,7 +24,7 @@ from ..data import embeddings
 from ..data.datasets import DatasetNotFound, load_images, set_label
 from ..data.files import atomic_write
 from ..flows.models import build
-from ..training.distributed import torch_threads
+from ..training.distributed import float32_work, torch_threads
 from ..training.train import TABULAR, RunLog, TrainConfig, export_folder, lock_run_folder, lr_at, optimizer_for
 from ..zoo.checkpoints import KNN, PROJECTION, cache_dir, save, staged_checkpoint
 from .knn import knn_score, normalise
@@ -206,6 +206,7 @@ def write_knn_bank(folder: str | os.PathLike, bank: np.ndarray) -> None:
     atomic_write(Path(folder) / KNN, lambda tmp: save_file({"bank": bank}, str(tmp)), suffix=".safetensors")
 
 
+@float32_work
 def train_vectors(
     cfg: TrainConfig,
     run_dir: str | os.PathLike | None = None,

@@ -14,20 +14,23 @@ Conventions used by ``train``, ``evaluate`` and ``score``:
   the seeded dequantization noise is identical; results are gathered back in the original order.
 - Only rank 0 writes files or prints; every rank returns the same result.
 - Float32 throughout: likelihoods are sums of thousands of per-dimension log terms and need float32
-  or better, so on GPUs TF32 (10-bit mantissa, on by default for cuDNN convolutions) is switched off
-  (:func:`resolve_device`); ``FLOWCORE_ALLOW_TF32=1`` keeps torch's TF32 defaults, e.g. for faster
-  training. Every likelihood is computed in float32; only a training step's st-networks may run under
-  bfloat16 autocast (``"precision": "bf16"``, :mod:`flowcore.flows.precision`).
+  or better, so on GPUs TF32 (10-bit mantissa, on by default for cuDNN convolutions) is switched off for
+  each training, evaluation and scoring call (:func:`true_float32`, restored after);
+  ``FLOWCORE_ALLOW_TF32=1`` keeps torch's TF32 defaults, e.g. for faster training. Every likelihood is
+  computed in float32; only a training step's st-networks may run under bfloat16 autocast
+  (``"precision": "bf16"``, :mod:`flowcore.flows.precision`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
+import inspect
 import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -35,8 +38,12 @@ from torch import Tensor, nn
 
 from ..flows.models import log_prob_running_stats
 
+T = TypeVar("T")
+
 __all__ = [
     "torch_threads",
+    "true_float32",
+    "float32_work",
     "env_world_size",
     "resolve_device",
     "init",
@@ -72,6 +79,40 @@ def torch_threads(n: int | None) -> Iterator[None]:
             torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def true_float32(device: str | torch.device) -> Iterator[None]:
+    """On a CUDA ``device``, TF32 matmuls and convolutions off for the block (likelihoods in true float32: TF32's
+    10-bit mantissa moves a log-likelihood by far more than float32 rounding), then torch's settings restored, so
+    nothing leaks into the calling process. ``FLOWCORE_ALLOW_TF32=1`` keeps torch's settings; no-op elsewhere."""
+    try:
+        cuda = torch.device(str(device)).type == "cuda"
+    except (RuntimeError, TypeError):  # an unknown device is refused where it is resolved
+        cuda = False
+    if not cuda or os.environ.get("FLOWCORE_ALLOW_TF32", "") == "1":
+        yield
+        return
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def float32_work(fn: Callable[..., T]) -> Callable[..., T]:
+    """Decorate an entry point of work that takes a ``device`` argument: it runs under :func:`true_float32`."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        device = signature.bind_partial(*args, **kwargs).arguments.get("device", "cpu")
+        with true_float32(device):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def env_world_size() -> int:
     """``WORLD_SIZE`` from the environment (1 when not launched by torchrun)."""
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
@@ -80,8 +121,8 @@ def env_world_size() -> int:
 def resolve_device(device: str | torch.device = "cpu") -> str:
     """Check ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``) and return the one this process uses.
 
-    Under torchrun with more than one process, plain ``cuda`` becomes ``cuda:$LOCAL_RANK``. On GPUs
-    TF32 matmuls/convolutions are disabled so likelihoods are computed in true float32.
+    Under torchrun with more than one process, plain ``cuda`` becomes ``cuda:$LOCAL_RANK``. Changes no
+    process-wide setting (TF32 is switched off by :func:`true_float32` around the work itself).
     Raises ``ValueError`` with one readable line for an unknown or unavailable device.
     """
     name = str(device)
@@ -97,9 +138,6 @@ def resolve_device(device: str | torch.device = "cpu") -> str:
             dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} CUDA device(s) visible")
-        if os.environ.get("FLOWCORE_ALLOW_TF32", "") != "1":
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {name!r} requested but MPS is not available")
     return name

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..data.datasets import load_images, match_shape
+from ..data.files import atomic_write
 from ..flows.config import FlowConfig, check_int, check_number
 from ..flows.likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
 from ..flows.models import build, log_prob_running_stats
@@ -46,7 +47,6 @@ from ..flows.precision import PRECISIONS, set_st_precision, st_precision
 from ..zoo.checkpoints import (
     FOLDER_FILES,
     CheckpointError,
-    atomic_write,
     load,
     read_config,
     save,
@@ -682,6 +682,7 @@ def _export(run: _Run, out: Path, stopped_by: str, bpd: float) -> None:
                  metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(run.x_test)})
 
 
+@dist.float32_work
 def train(
     cfg: TrainConfig,
     run_dir: str | os.PathLike | None = None,
