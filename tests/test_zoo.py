@@ -139,3 +139,28 @@ def test_a_table1_cell_reads_the_best_plain_model_and_a_continuation_counts(tmp_
     # a continuation of the continuation counts the whole chain
     assert results._total_minutes({"init_from": {"checkpoint": "fashion_glow_long", "cpu_minutes": 60.0},
                                    "cpu_minutes": 70.0}) == 180.0
+
+
+def test_the_report_says_where_a_better_feature_density_is_not_a_better_score(tmp_path, monkeypatch):
+    """Under Table 2a the report states, per flow on features, how much better a density it is than the Gaussian
+    it starts from (held-out NLL, exported epoch against epoch 0) and on which sets its likelihood still loses to
+    that Gaussian, as shown (rounded to 0.1 %), from the checkpoint's own curve and AUROCs."""
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(tmp_path))
+    curve = [{"epoch": 0, "validation_nll_per_dim": -0.2}, {"epoch": 3, "validation_nll_per_dim": -0.25}]
+    auroc = {"likelihood": {"mnist": 0.90, "notmnist": 0.95, "celeba32": 0.99996},
+             "embedding_gaussian": {"mnist": 0.85, "notmnist": 0.97, "celeba32": 0.99999},
+             "embedding_knn": {"mnist": 0.99, "notmnist": 0.995, "celeba32": 1.0}}
+    cfg = {"name": "cifar10_embeddings", "dataset": "cifar10", "features": "efficientnet-lite0",
+           "model": {"arch": "realnvp_tabular", "dim": 1280},
+           "training": {"curve": curve, "validation": {"selected_epoch": 3}}, "reference": {"auroc": auroc}}
+    (tmp_path / "cifar10_embeddings").mkdir()
+    (tmp_path / "cifar10_embeddings" / "config.json").write_text(json.dumps(cfg))
+    (line,) = results.feature_flow_findings({"cifar10_embeddings"})
+    assert "-0.2500 nats per feature at the exported epoch 3, against -0.2000 at epoch 0" in line
+    assert "better density by 0.0500 nats per feature (64 nats an image)" in line
+    assert "separates 1 set(s) less well" in line and "notMNIST 95.0 against 97.0 (k-NN 99.5)" in line
+    assert "MNIST 90.0" not in line and "CelebA" not in line  # ahead, or equal as shown
+    auroc["likelihood"]["notmnist"] = 0.98
+    (tmp_path / "cifar10_embeddings" / "config.json").write_text(json.dumps(cfg))
+    (line,) = results.feature_flow_findings({"cifar10_embeddings"})
+    assert "at least the Gaussian's on every set" in line
