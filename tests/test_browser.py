@@ -372,14 +372,20 @@ def test_a_fresh_set_up_without_data_works_from_the_bundled_examples(app: App, b
             page.get_by_text("bundled examples").first.wait_for()
             with shots.rerun(page, TIMEOUT):
                 page.locator('[data-testid="stMain"] button', has_text="Add these").first.click()
-            shots.go_to(page, next(s for s in shots.PAGES if s.name == "score"))
-            m = shots.metrics(page)
-            assert m["verdict at 5% FPR (likelihood)"] in ("OOD", "in-distribution"), m
-            assert "fashion_mnist #0" in shots.main_text(page)
-            visits = shots.visit_every_page(page, None, TIMEOUT)
-            assert list(visits) == [s.name for s in shots.PAGES]
+            assert_verdict_then_every_page(page, "fashion_mnist #0")
         finally:
             ctx.close()
+
+
+def assert_verdict_then_every_page(page: Any, expected_text: str) -> None:
+    """The Score page gives a likelihood verdict and shows ``expected_text``; then every page opens cleanly."""
+    shots.go_to(page, next(s for s in shots.PAGES if s.name == "score"), TIMEOUT)
+    shots.check_page(page)
+    m = shots.metrics(page)
+    assert m["verdict at 5% FPR (likelihood)"] in ("OOD", "in-distribution"), m
+    assert expected_text in shots.main_text(page)
+    visits = shots.visit_every_page(page, None, TIMEOUT)
+    assert list(visits) == [s.name for s in shots.PAGES]
 
 
 def blob_zip(folder: Path, n: int, noise: bool = False, seed: int = 0) -> Path:
@@ -486,12 +492,6 @@ def test_the_installed_wheels_dashboard_works_on_every_page_after_an_upload(brow
             page = ctx.new_page()
             shots.open_app(page, url)
             shots.upload(page, [shirt], TIMEOUT)
-            shots.go_to(page, next(s for s in shots.PAGES if s.name == "score"), TIMEOUT)
-            shots.check_page(page)
-            m = shots.metrics(page)
-            assert m["verdict at 5% FPR (likelihood)"] in ("OOD", "in-distribution"), m
-            assert "likelihood_ratio" in shots.main_text(page)
-            visits = shots.visit_every_page(page, None, TIMEOUT)
-            assert list(visits) == [s.name for s in shots.PAGES]
+            assert_verdict_then_every_page(page, "likelihood_ratio")
         finally:
             ctx.close()
