@@ -12,7 +12,7 @@ import os
 
 import streamlit as st
 
-from flowcore.dashboard import state
+from flowcore.dashboard import service, state
 from flowcore.data.datasets import set_label
 from flowcore.flows.config import describe_architecture
 from flowcore.flows.models import count_parameters
@@ -42,13 +42,13 @@ PAGES = {
 
 def model_card(name: str) -> None:
     """Data, architecture, parameters, test bpd and the AUROC table of one checkpoint."""
-    cfg = state.config(name)
+    cfg = service.config(name)
     ref = cfg.get("reference") or {}
     ood = ", ".join(set_label(str(s)) for s in cfg.get("ood") or []) or "-"
     lines = [
         f"**Data**: {set_label(str(cfg.get('dataset', 'unknown')))}; OOD sets: {ood}",
         f"**Architecture**: {describe_architecture(cfg['model'])}",
-        f"**Parameters**: {count_parameters(state.model(name)):,}",
+        f"**Parameters**: {count_parameters(service.model(name)):,}",
     ]
     if ref:
         counts = ref.get("counts") or {}
@@ -67,7 +67,7 @@ def model_card(name: str) -> None:
     if cfg.get("background"):
         lines.append(f"**Background model**: {cfg['background']}")
     st.markdown("  \n".join(lines))
-    table = state.auroc_percent_table(name)
+    table = service.auroc_percent_table(name)
     if table is not None:
         st.caption("AUROC % (in-distribution = positive; 50 = chance, below 50 = OOD looks *more* likely)")
         st.table(table)
@@ -76,19 +76,19 @@ def model_card(name: str) -> None:
 
 
 def sidebar() -> None:
-    options = state.checkpoint_options()
+    options = service.checkpoint_options()
     if not options:
-        st.warning(state.no_checkpoint_message())
+        st.warning(service.no_checkpoint_message())
         return
     if st.session_state.get(state.CHECKPOINT_KEY) not in options:
-        st.session_state[state.CHECKPOINT_KEY] = state.default_checkpoint(options)
+        st.session_state[state.CHECKPOINT_KEY] = service.default_checkpoint(options)
     wanted = os.environ.get("FLOWCORE_DEFAULT_CHECKPOINT")
     if wanted and wanted not in options:
         st.warning(f"Checkpoint {wanted!r} not found; showing {st.session_state[state.CHECKPOINT_KEY]}.")
 
     def label(n: str) -> str:
         try:
-            cfg = state.config(n)
+            cfg = service.config(n)
             return f"{n} ({set_label(str(cfg.get('dataset', '?')))}, {cfg['model'].get('arch', '?')})"
         except Exception:  # an unreadable checkpoint is still listed; picking it shows the reason
             return f"{n} (unreadable)"
@@ -108,7 +108,7 @@ def sidebar() -> None:
     c1.radio("Invert", ["auto", "yes", "no"], key=state.INVERT_KEY, help="auto: dark-on-light gray images")
     c2.radio("Fit", ["crop", "pad"], key=state.FIT_KEY, help="centre-crop or pad to the model's size")
     # only inputs this model can read: an unreadable upload must not stay selected while a page shows another
-    inputs = [item for item, _ in state.prepared_inputs(state.image_shape(name))[0]] if state.all_inputs() else []
+    inputs = [item for item, _ in state.prepared_inputs(service.image_shape(name))[0]] if state.all_inputs() else []
     if inputs:
         keys = [i.key for i in inputs]
         names = {i.key: f"{i.name} ({i.source})" for i in inputs}

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import streamlit as st
 
+from flowcore.dashboard import service
 from flowcore.dashboard.guard import one_line
 from flowcore.data.images import IMAGE_SUFFIXES, ImageError, decode_image, preprocess, thumbnail
 
@@ -53,7 +54,7 @@ class Prepared:
     format: str
 
 
-@st.cache_data(show_spinner=False, max_entries=512)
+@service.memo(max_entries=512)
 def prepare(data: bytes, shape: tuple[int, int, int], invert: str = "auto", fit: str = "crop") -> Prepared:
     """Decode and preprocess one input for a model of ``shape`` (raises ImageError with one clear line)."""
     img = decode_image(data)
@@ -65,6 +66,7 @@ def prepare(data: bytes, shape: tuple[int, int, int], invert: str = "auto", fit:
     size = img.info.get("original_size", img.size)  # a large file is decoded at a reduced working size
     label = f"original: {img.format or 'image'} {img.mode} {size[0]}x{size[1]}"
     shown = [(label, thumbnail(original))] + [(step, thumbnail(a)) for step, a in p.steps]
+    p.array.flags.writeable = False  # cached and shared by every page: read-only, so none can alter it
     return Prepared(p.array, shown, p.inverted, tuple(size), img.format or "")
 
 

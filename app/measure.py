@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flowcore.dashboard import state
+from flowcore.dashboard import service
 from flowcore.data import images
 from flowcore.flows.likelihood import as_image_tensor
 from flowcore.inspection.probes import box_change_shares, influence_concentration, latent_image_correlation
@@ -23,7 +23,7 @@ PROBES = [("pixel noise of std 10", {"noise": 10.0}), ("a blur of radius 1", {"b
 
 def likelihood_finding(name: str) -> str:
     """The paper's starting point (Fig. 1, 8), stated for this model from its own likelihood AUROCs."""
-    row = next((r for r in state.auroc_rows(name) if r["score"] == "likelihood"), None)
+    row = next((r for r in service.auroc_rows(name) if r["score"] == "likelihood"), None)
     if not row or len(row) < 2:
         return "This model has no OOD AUROCs yet (run `flowcore evaluate`): nothing to say about how it ranks OOD sets."
     sets = {k: v for k, v in row.items() if k != "score"}
@@ -42,7 +42,7 @@ def likelihood_finding(name: str) -> str:
 def measured_edits(name: str, image: np.ndarray) -> str:
     """One sentence, from scores computed now, on what each probe edit does to this image's bits/dim."""
     batch = np.stack([image] + [images.perturb(image, **settings) for _, settings in PROBES])
-    bpd = state.scores(name, batch)["bpd"]
+    bpd = service.scores(name, batch)["bpd"]
     parts = []
     for (words, _), value in zip(PROBES, bpd[1:], strict=True):
         delta = value - bpd[0]
@@ -99,7 +99,7 @@ SEPARATES = 0.95
 
 def likelihood_aurocs(name: str) -> dict[str, float]:
     """``{ood set: likelihood AUROC}`` of one checkpoint ({} before ``flowcore evaluate``)."""
-    row = next((r for r in state.auroc_rows(name) if r["score"] == "likelihood"), None) or {}
+    row = next((r for r in service.auroc_rows(name) if r["score"] == "likelihood"), None) or {}
     return {k: float(v) for k, v in row.items() if k != "score"}
 
 
@@ -145,7 +145,7 @@ FEATURE_SCORES = {"likelihood": "flow", "embedding_gaussian": "Gaussian", "embed
 
 def feature_score_aurocs(name: str) -> dict[str, dict[str, float]]:
     """``{score: {ood set: AUROC}}`` of a flow on features and of each baseline stored with it."""
-    rows = {r["score"]: {k: float(v) for k, v in r.items() if k != "score"} for r in state.auroc_rows(name)}
+    rows = {r["score"]: {k: float(v) for k, v in r.items() if k != "score"} for r in service.auroc_rows(name)}
     return {score: rows[score] for score in FEATURE_SCORES if rows.get(score)}
 
 

@@ -6,10 +6,12 @@ npz data in a temporary folder; ``FLOWCORE_CHECKPOINTS`` and ``FLOWCORE_DATA_DIR
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +34,7 @@ pytest.importorskip("plotly")
 
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
-from flowcore.dashboard import figures, state  # noqa: E402
+from flowcore.dashboard import figures, service, state  # noqa: E402
 
 HOME = ROOT / "app" / "Home.py"
 TIMEOUT = 60
@@ -221,24 +223,24 @@ def test_app_csv_equals_cli_csv(env: tuple[Path, Path], tmp_path: Path, monkeypa
     write_rows(rows, "csv", cli)
 
     # what the Score page's download holds for the same uploads, score and false-positive rate
-    good = [(item, state.prepare(item.data, state.image_shape("fashion_realnvp")))
+    good = [(item, state.prepare(item.data, service.image_shape("fashion_realnvp")))
             for item in (state.InputImage(name, data) for name, data in files.items())]
-    kept, results, bad = state.finite_scores("fashion_realnvp", good)
+    kept, results, bad = service.finite_scores("fashion_realnvp", good)
     app = io.StringIO()
-    ref = state.reference("fashion_realnvp")
+    ref = service.reference("fashion_realnvp")
     write_rows(result_rows([item.name for item, _ in kept], results, "typicality", ref, 0.1), "csv", app)
     assert not bad and app.getvalue() == cli.getvalue()
     assert cli.getvalue().splitlines()[0] == "path,log_likelihood_nats,bpd,score,value,percentile,ood"
 
 
 def test_non_finite_score_is_an_error_in_the_app(env: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    real = state.scores
+    real = service.scores
 
     def nan_for_first(name: str, arrays: list) -> dict:
         out = real(name, arrays)
         return {k: np.where(np.arange(len(v)) == 0, np.nan, v) for k, v in out.items()}
 
-    monkeypatch.setattr(state, "scores", nan_for_first)
+    monkeypatch.setattr(service, "scores", nan_for_first)
     at = start()
     rng = np.random.default_rng(5)
     at.file_uploader(key=state.UPLOAD_KEY).set_value(
@@ -527,7 +529,7 @@ def test_gallery_works_without_data_dir_from_bundled_examples(
 def test_score_caption_states_this_models_own_aurocs(env: tuple[Path, Path]) -> None:
     from flowcore.dashboard.measure import likelihood_finding
 
-    row = next(r for r in state.auroc_rows("rgb_realnvp") if r["score"] == "likelihood")
+    row = next(r for r in service.auroc_rows("rgb_realnvp") if r["score"] == "likelihood")
     text = likelihood_finding("rgb_realnvp")
     for s, v in row.items():
         if s != "score":
@@ -542,8 +544,8 @@ def test_perturbation_sentence_is_measured_on_the_current_model(env: tuple[Path,
 
     image = (np.random.default_rng(7).random((28, 28)) * 255).astype(np.uint8)
     text = measured_edits("fashion_realnvp", image)
-    model = state.model("fashion_realnvp")
-    summary = state.config("fashion_realnvp")["reference"]
+    model = service.model("fashion_realnvp")
+    summary = service.config("fashion_realnvp")["reference"]
     kw = {"n_draws": summary["n_draws"], "seed": summary["seed"]}
     base = flowcore.bits_per_dim(model, image[None], **kw)[0]
     for words, settings in PROBES:
@@ -556,11 +558,11 @@ def test_batchnorm_train_mode_latents_use_a_real_batch(env: tuple[Path, Path]) -
     import flowcore
 
     image = (np.random.default_rng(8).random((28, 28)) * 255).astype(np.uint8)
-    z = state.latent_map("fashion_realnvp", image, n_draws=2, batchnorm="train")
-    companions, what = state.batchnorm_companions("fashion_realnvp")
+    z = service.latent_map("fashion_realnvp", image, n_draws=2, batchnorm="train")
+    companions, what = service.batchnorm_companions("fashion_realnvp")
     assert len(companions) > 1 and "test images" in what
     batch = np.concatenate([image[None], companions])
-    model = state.model("fashion_realnvp")
+    model = service.model("fashion_realnvp")
     want = flowcore.latents(model, batch, n_draws=2, batchnorm="train", batch_size=len(batch))[0]
     np.testing.assert_allclose(z, want, atol=1e-6)
     alone = flowcore.latents(model, image[None], n_draws=2, batchnorm="train")[0]
@@ -766,7 +768,7 @@ def test_score_page_offers_the_paired_feature_flows_likelihood(feature_env: tupl
     assert shown.value == verdict(value, ood_threshold(reference, 0.05))
     assert f"embedding_likelihood = {value:.4g}, percentile {float(percentile_of(value, reference)):.2f} %" in texts(at)
     pair_auroc = json.loads((ckpts / "rgb_embeddings" / "config.json").read_text())["reference"]["auroc"]
-    rows = {r["score"]: r for r in state.auroc_rows("rgb_realnvp")}
+    rows = {r["score"]: r for r in service.auroc_rows("rgb_realnvp")}
     assert rows["embedding_likelihood"]["mnist"] == pytest.approx(pair_auroc["likelihood"]["mnist"])
 
 
@@ -784,15 +786,15 @@ def test_study_variants_are_not_offered_as_the_feature_flows_pixel_counterparts(
     cfg["model"]["mask"] = "horizontal"
     cfg["reference"]["bpd_mean"] -= 1.0  # better fitted, still a study
     (ckpts / "rgb_realnvp_horizontal" / "config.json").write_text(json.dumps(cfg))
-    assert {"rgb_realnvp_finetune", "rgb_realnvp_negative"} <= set(state.checkpoint_options())
-    assert state.pixel_counterparts("rgb_embeddings") == ["rgb_realnvp"]
+    assert {"rgb_realnvp_finetune", "rgb_realnvp_negative"} <= set(service.checkpoint_options())
+    assert service.pixel_counterparts("rgb_embeddings") == ["rgb_realnvp"]
     # a continuation (more epochs from its weights, same objective) that fits better takes the plain model's place
     shutil.copytree(ckpts / "rgb_realnvp", ckpts / "rgb_realnvp_long")
     cfg = json.loads((ckpts / "rgb_realnvp_long" / "config.json").read_text())
     cfg.setdefault("training", {})["init_from"] = {"checkpoint": "rgb_realnvp"}
     cfg["reference"]["bpd_mean"] -= 0.1
     (ckpts / "rgb_realnvp_long" / "config.json").write_text(json.dumps(cfg))
-    assert state.pixel_counterparts("rgb_embeddings") == ["rgb_realnvp_long"]
+    assert service.pixel_counterparts("rgb_embeddings") == ["rgb_realnvp_long"]
 
 
 def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_env: tuple[Path, Path]) -> None:
@@ -812,11 +814,11 @@ def test_tour_ends_on_the_feature_flow_measured_beside_the_pixel_flow(feature_en
 def test_one_cache_decorator_keys_by_function_checkpoint_files_and_arguments(env: tuple[Path, Path]) -> None:
     ckpts, _ = env
     folder = ckpts / "fashion_copy"
-    cfg = state.config("fashion_copy")
-    assert "test__likelihood" in state.reference("fashion_copy")  # same arguments, another function: no collision
+    cfg = service.config("fashion_copy")
+    assert "test__likelihood" in service.reference("fashion_copy")  # same arguments, another function: no collision
     calls = []
 
-    @state.per_checkpoint()
+    @service.per_checkpoint()
     def probe(name: str, a: np.ndarray, k: int = 2) -> float:
         calls.append(k)
         return float(a.sum() * k)
@@ -832,9 +834,44 @@ def test_one_cache_decorator_keys_by_function_checkpoint_files_and_arguments(env
         changed["name"] = "renamed"
         (folder / "config.json").write_text(json.dumps(changed))
         os.utime(folder / "config.json", ns=(1, 10**18))
-        assert state.config("fashion_copy")["name"] == "renamed" != cfg.get("name")
+        assert service.config("fashion_copy")["name"] == "renamed" != cfg.get("name")
     finally:
         (folder / "config.json").write_text(text)
+
+
+def test_the_service_below_the_pages_runs_without_streamlit_and_serves_results_no_caller_can_alter(
+    env: tuple[Path, Path],
+) -> None:
+    # Streamlit-free: the service imports, lists and computes with no Streamlit module loaded
+    code = ("import sys; from flowcore.dashboard import service; "
+            "name = service.default_checkpoint(service.checkpoint_options()); "
+            "print(name, service.scores(name, service.first_image(name)[1][None])['bpd'][0], "
+            "'streamlit' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == "fashion_realnvp" and np.isfinite(float(out[1])) and out[2] == "False"
+
+    # the spinner hook runs when a result is computed, not when it is served
+    shown = []
+
+    @contextlib.contextmanager
+    def spy(message: str):
+        shown.append(message)
+        yield
+
+    service.set_busy(spy)
+    try:
+        first = service.samples("fashion_realnvp", 2, 0.5, 123)
+        computed = list(shown)
+        again = service.samples("fashion_realnvp", 2, 0.5, 123)
+    finally:
+        service.set_busy(lambda message: contextlib.nullcontext())
+    assert "Sampling..." in computed and shown == computed and np.array_equal(first, again)
+    # a served array is read-only, a served mapping a copy: one page cannot change what the next is shown
+    with pytest.raises(ValueError, match="read-only"):
+        again[0, 0, 0, 0] = 7
+    ref = service.reference("fashion_realnvp")
+    ref["test__likelihood"] = np.zeros(1)
+    assert len(service.reference("fashion_realnvp")["test__likelihood"]) > 1
 
 
 def test_latents_page_shows_each_scales_latents_with_its_own_correlation(env: tuple[Path, Path]) -> None:
@@ -853,7 +890,7 @@ def test_latents_page_shows_each_scales_latents_with_its_own_correlation(env: tu
     model = flowcore.load(env[0] / "fashion_realnvp")
     labels = latent_scale_map(model).numpy()
     name, image = state.current_image("fashion_realnvp")
-    z = state.latent_map("fashion_realnvp", image, 40, "eval")
+    z = service.latent_map("fashion_realnvp", image, 40, "eval")
     r = latent_image_correlation(image, np.where(labels == 0, z, np.nan))
     assert titles[0].endswith(f"r = {r:.2f}")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from flowcore.dashboard import figures, state
+from flowcore.dashboard import figures, service, state
 from flowcore.data.datasets import set_label
 from flowcore.flows.config import describe_architecture
 from flowcore.ood.verdicts import judge_for
@@ -16,7 +16,7 @@ def overview(options: list[str]) -> pd.DataFrame:
     rows = []
     for n in options:
         try:
-            cfg = state.config(n)
+            cfg = service.config(n)
         except Exception as e:  # list every checkpoint, even a broken one
             rows.append({"checkpoint": n, "architecture": f"unreadable: {state.one_line(e)[:80]}"})
             continue
@@ -34,25 +34,25 @@ def overview(options: list[str]) -> pd.DataFrame:
 
 
 def column(name: str, units: str, key: str) -> dict[str, np.ndarray]:
-    shape = state.image_shape(name)
+    shape = service.image_shape(name)
     dims = int(np.prod(shape))
-    cfg = state.config(name)
+    cfg = service.config(name)
     st.markdown(f"**{name}**: {set_label(str(cfg.get('dataset', '?')))}; {describe_architecture(cfg['model'])}")
     good, _ = state.prepared_inputs(shape)
-    res = state.scores(name, [p.array for _, p in good]) if good else {}
-    ref = state.reference(name)
+    res = service.scores(name, [p.array for _, p in good]) if good else {}
+    ref = service.reference(name)
     if not ref:
         st.warning(f"No reference statistics: run `flowcore evaluate {name}`.")
         return {}
     markers = [
-        (item.name, float(state.to_units(v, "likelihood", units, dims)))
+        (item.name, float(service.to_units(v, "likelihood", units, dims)))
         for (item, _), v in zip(good, res.get("likelihood", []), strict=False)
     ][:12]
     xlabel = "bits/dim (lower = more likely)" if units == "bpd" else "log-likelihood, nats"
     st.plotly_chart(
-        figures.histogram(state.score_values(name, "likelihood", units), markers, xlabel), key=f"cmp_hist_{key}"
+        figures.histogram(service.score_values(name, "likelihood", units), markers, xlabel), key=f"cmp_hist_{key}"
     )
-    out: dict = {"auroc": state.auroc_percent_table(name)}  # drawn full width below both columns
+    out: dict = {"auroc": service.auroc_percent_table(name)}  # drawn full width below both columns
     if good:
         out.update(names=np.array([item.name for item, _ in good]), bpd=res["bpd"],
                    percentile=judge_for(ref, "likelihood").percentile(res["likelihood"]))
@@ -68,7 +68,7 @@ def main() -> None:
         "own test images in the same way, because both mostly model local pixel statistics. Bits/dim "
         "compare models of different input sizes."
     )
-    options = state.checkpoint_options()
+    options = service.checkpoint_options()
     current = state.selected_checkpoint()
     c1, c2, c3 = st.columns([2, 2, 1])
     a = c1.selectbox("Model A", options, index=options.index(current) if current in options else 0, key="cmp_a")

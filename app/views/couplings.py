@@ -7,16 +7,16 @@ import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
 
-from flowcore.dashboard import figures, state
+from flowcore.dashboard import figures, service, state
 
 
-@state.per_checkpoint(resource=True, max_entries=16)
+@service.per_checkpoint(max_entries=16)
 def _figure(name: str, image: np.ndarray, layers: tuple[str, ...], scale_field: str, channel: int) -> go.Figure:
     """The coupling grid of the chosen layers, built once per choice: a 10-layer grid has 40 heatmaps and
-    plotly takes a few hundred milliseconds to build it, the largest part of a revisit. Kept as a resource
-    (not pickled): unpickling a plotly figure validates it all again."""
+    plotly takes a few hundred milliseconds to build it, the largest part of a revisit. Kept as the object
+    itself (never pickled): unpickling a plotly figure validates it all again."""
     fields = ("input", scale_field, "t", "output")
-    rows = [(r["name"], {f: r[f][channel] for f in fields}) for r in state.trace(name, image) if r["name"] in layers]
+    rows = [(r["name"], {f: r[f][channel] for f in fields}) for r in service.trace(name, image) if r["name"] in layers]
     return figures.coupling_grid(rows, fields=fields)
 
 
@@ -32,8 +32,8 @@ def main() -> None:
         "unchanged."
     )
     label, image = state.current_image(name)
-    records = state.trace(name, image)
-    shape = state.image_shape(name)
+    records = service.trace(name, image)
+    shape = service.image_shape(name)
     c1, c2, c3 = st.columns([3, 1, 1])
     names = [r["name"] for r in records]
     chosen = c1.multiselect("Layers", names, default=names, key="coupling_layers")

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from flowcore.dashboard import figures, measure, state
+from flowcore.dashboard import figures, measure, service, state
 from flowcore.data.datasets import EXAMPLE_SETS, load_examples, set_label
 from flowcore.data.embeddings import ExtractorMissing, load_extractor
 from flowcore.ood.vectors import PROJECTION, project
@@ -22,7 +22,7 @@ DEFAULT_FLOW = "cifar10_embeddings"
 def score_label(name: str, score: str) -> str:
     """How the page names one score of the feature flow ``name``."""
     if score == "embedding_knn":
-        k = (state.config(name).get("knn") or {}).get("k")
+        k = (service.config(name).get("knn") or {}).get("k")
         return f"k-NN on features (k = {k})"
     if score == "embedding_gaussian":
         return "Gaussian on features (Ledoit-Wolf)"
@@ -62,7 +62,7 @@ def verdict_sentence(row: dict, pixel: str | None, judge: str = "the flow on fea
 def draw_reference(name: str, ref: dict[str, np.ndarray], marks: list[tuple[str, float]],
                    arrays: list[np.ndarray], score: str = "likelihood") -> None:
     """The reference sets' values of ``score`` with each image marked, and the 2-D view of their features."""
-    sets = {s: ref[f"{s}__{score}"] for s in state.reference_sets(name) if f"{s}__{score}" in ref}
+    sets = {s: ref[f"{s}__{score}"] for s in service.reference_sets(name) if f"{s}__{score}" in ref}
     left, right = st.columns(2)
     with left:
         st.markdown(f"**{score_label(name, score)}** (higher = more in-distribution)")
@@ -75,7 +75,7 @@ def draw_reference(name: str, ref: dict[str, np.ndarray], marks: list[tuple[str,
         st.plotly_chart(fig, key="features_hist")
         st.caption(f"Values below {cut:.4g} (the lowest 1 % of the reference values) are drawn at it.")
     with right:
-        folder = state.resolve(name)
+        folder = service.resolve(name)
         if not (folder / PROJECTION).is_file():
             st.caption(f"No 2-D view stored: run `flowcore evaluate {name}`.")
             return
@@ -84,7 +84,7 @@ def draw_reference(name: str, ref: dict[str, np.ndarray], marks: list[tuple[str,
         points = {k[len("set__"):]: v for k, v in projection.items() if k.startswith("set__")}
         stars = []
         if arrays:
-            features = state.features(name, arrays)
+            features = service.features(name, arrays)
             stars = [(m, tuple(float(c) for c in xy)) for (m, _), xy in zip(marks[:12], project(features, projection),
                                                                             strict=False)]
         st.markdown("**Features on their two main directions** (PCA of the training features)")
@@ -93,7 +93,7 @@ def draw_reference(name: str, ref: dict[str, np.ndarray], marks: list[tuple[str,
 
 def main() -> None:
     st.title("What works: flows on features")
-    names = state.feature_checkpoints()
+    names = service.feature_checkpoints()
     if not names:
         st.info(f"No flow on image features in `{checkpoints_dir()}`. Train one with "
                 "`flowcore train configs/cifar10_embeddings.json`, then `flowcore evaluate cifar10_embeddings`.")
@@ -106,19 +106,19 @@ def main() -> None:
     c1, c2, c3 = st.columns([3, 2, 2])  # the flow's name and data set must fit at 1024x768
     if st.session_state.get("features_flow") not in names:  # start on the flow trained on the sidebar model's data
         shown = state.selected_checkpoint()
-        dataset = state.config(shown).get("dataset") if shown else None
+        dataset = service.config(shown).get("dataset") if shown else None
         fallback = DEFAULT_FLOW if DEFAULT_FLOW in names else names[0]
         st.session_state["features_flow"] = next(
-            (n for n in names if state.config(n).get("dataset") == dataset), fallback)
+            (n for n in names if service.config(n).get("dataset") == dataset), fallback)
     name = c1.selectbox("Flow on features", names, key="features_flow",
-                        format_func=lambda n: f"{n} ({set_label(str(state.config(n).get('dataset', '?')))})")
-    pixel_flows = state.pixel_counterparts(name)
+                        format_func=lambda n: f"{n} ({set_label(str(service.config(n).get('dataset', '?')))})")
+    pixel_flows = service.pixel_counterparts(name)
     st.markdown(
         "Sec. 8 of the paper: the same flow that fails on pixels detects OOD images when it models the features of "
         "an ImageNet-trained classifier instead, because those features describe *what* is in the image rather "
         "than its local pixel correlations. Here the flow models the 1280-d EfficientNet-Lite0 features.")
     st.caption(measure.features_finding(name, pixel_flows))
-    ref = state.reference(name)
+    ref = service.reference(name)
     if "test__likelihood" not in ref:
         st.warning(f"No reference statistics: run `flowcore evaluate {name}`.")
         return
@@ -134,7 +134,7 @@ def main() -> None:
                      help="The flow's log-likelihood of the features, or one of the two baselines stored with it. "
                           "It starts on the one with the best mean AUROC over the OOD sets below.")
     features_judge = judge_for(ref, score, fpr)
-    pixel_ref = state.reference(pixel) if pixel else {}
+    pixel_ref = service.reference(pixel) if pixel else {}
     pixel_judge = judge_for(pixel_ref, "likelihood", fpr) if "test__likelihood" in pixel_ref else None
 
     st.subheader("AUROC (%): the flow, its baselines and the pixel flows")
@@ -147,17 +147,17 @@ def main() -> None:
                "length training features (Sun et al., ICML 2022).")
 
     st.subheader("Your images")
-    shape = tuple(state.config(name).get("input_shape") or (3, 32, 32))
+    shape = tuple(service.config(name).get("input_shape") or (3, 32, 32))
     good, bad = state.prepared_inputs(shape)
     state.show_input_errors(bad)
     if good:
         arrays = [p.array for _, p in good]
-        ll = state.feature_scores(name, arrays)[score]
+        ll = service.feature_scores(name, arrays)[score]
         rows = []
         pixel_ll = None
         if pixel_judge is not None:
-            pixel_good, _ = state.prepared_inputs(state.image_shape(pixel), [item for item, _ in good])
-            pixel_ll = state.scores(pixel, [p.array for _, p in pixel_good])["likelihood"]
+            pixel_good, _ = state.prepared_inputs(service.image_shape(pixel), [item for item, _ in good])
+            pixel_ll = service.scores(pixel, [p.array for _, p in pixel_good])["likelihood"]
         for i, ((item, _), value) in enumerate(zip(good, ll, strict=True)):
             if not np.isfinite(value):
                 st.warning(f"{item.name}: its features get a non-finite score (NaN or inf); no verdict")
@@ -189,13 +189,13 @@ def main() -> None:
     for dataset in EXAMPLE_SETS:
         x = load_examples(dataset)
         row = {"set": set_label(dataset), "images": len(x),
-               "flagged OOD (features)": flagged(state.feature_scores(name, x)[score], features_judge)}
+               "flagged OOD (features)": flagged(service.feature_scores(name, x)[score], features_judge)}
         if pixel_judge is not None:
-            px = state.scores(pixel, load_examples(dataset, state.image_shape(pixel)))["likelihood"]
+            px = service.scores(pixel, load_examples(dataset, service.image_shape(pixel)))["likelihood"]
             row["flagged OOD (pixels)"] = flagged(px[np.isfinite(px)], pixel_judge)
         rows.append(row)
     st.table(pd.DataFrame(rows).set_index("set"))
-    dataset = set_label(str(state.config(name).get("dataset", "")))
+    dataset = set_label(str(service.config(name).get("dataset", "")))
     st.caption(f"The first test images of each set bundled with the package, at a false-positive rate of "
                f"{100 * fpr:.0f} % on {dataset}'s test images: a good detector flags about that share of "
                f"{dataset} and all of every other set.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from flowcore.dashboard import state
+from flowcore.dashboard import service, state
 
 GUIDE = """
 A **normalizing flow** turns an image *x* into latents *z* of the same size through a chain of invertible
@@ -109,7 +109,7 @@ def main() -> None:
     st.title("Guide")
     st.caption("A short classroom tour: what each view shows and which finding of the paper it demonstrates.")
     st.markdown(GUIDE)
-    shipped = [name for name in ZOO_TOUR if name in state.checkpoint_options()]
+    shipped = [name for name in ZOO_TOUR if name in service.checkpoint_options()]
     if shipped:
         st.subheader("Which model shows what")
         st.markdown("\n".join(f"- `{name}`: {ZOO_TOUR[name]}" for name in shipped))

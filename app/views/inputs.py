@@ -6,7 +6,7 @@ import os
 
 import streamlit as st
 
-from flowcore.dashboard import state
+from flowcore.dashboard import service, state
 from flowcore.data import images
 from flowcore.data.datasets import DatasetNotFound, set_label
 
@@ -15,7 +15,7 @@ DETAILED = 24
 
 
 def your_images(name: str) -> None:
-    good, bad = state.prepared_inputs(state.image_shape(name))
+    good, bad = state.prepared_inputs(service.image_shape(name))
     state.show_input_errors(bad)
     if not good and not bad:
         st.info("No images yet. Upload in the sidebar, or add examples from the gallery below.")
@@ -42,19 +42,19 @@ def your_images(name: str) -> None:
 
 
 def gallery(name: str) -> None:
-    shape = state.image_shape(name)
+    shape = service.image_shape(name)
     st.caption(
         "The first test images of the model's own dataset and of its OOD sets, fitted to the model's input by "
         "the project's cross-domain rule: from `FLOWCORE_DATA_DIR` when it holds the set, else the 16 examples "
         "bundled with flowcore."
     )
     data_dir = os.environ.get("FLOWCORE_DATA_DIR")
-    dataset = state.config(name).get("dataset")
-    for ds in state.gallery_sets(name):
+    dataset = service.config(name).get("dataset")
+    for ds in service.gallery_sets(name):
         label = set_label(ds)
         kind = "in-distribution" if ds == dataset else "OOD"
         try:
-            examples, bundled = state.gallery_images(ds, shape, GALLERY_N, data_dir)
+            examples, bundled = service.gallery_images(ds, shape, GALLERY_N, data_dir)
         except (DatasetNotFound, ValueError, OSError) as e:
             st.markdown(f"**{label}** ({kind}): not available.")
             st.caption(state.one_line(e))
@@ -72,7 +72,7 @@ def gallery(name: str) -> None:
     c1, c2 = st.columns(2)
     temperature = c1.slider("Temperature", 0.0, 1.2, 0.7, 0.05, key="gallery_temperature")
     seed = int(c2.number_input("Seed", 0, 10_000, 0, key="gallery_seed"))
-    x = state.samples(name, GALLERY_N, temperature, seed)
+    x = service.samples(name, GALLERY_N, temperature, seed)
     cols = st.columns([6, 1])
     cols[0].image([images.thumbnail(s, 84) for s in x], width=84)
     items = [
@@ -83,7 +83,7 @@ def gallery(name: str) -> None:
 
 
 def canvas(name: str) -> None:
-    shape = state.image_shape(name)
+    shape = service.image_shape(name)
     if tuple(shape[1:]) != (28, 28):
         st.caption("The drawing canvas is offered for 28x28 models.")
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from flowcore.dashboard import figures, measure, state
+from flowcore.dashboard import figures, measure, service, state
 from flowcore.inspection.probes import latent_image_correlation
 
 
@@ -20,10 +20,10 @@ def main() -> None:
         "the training set) the structure is clearer. The line under the figure measures it for this model."
     )
     label, image = state.current_image(name)
-    m = state.model(name)
+    m = service.model(name)
     c1, c2 = st.columns(2)
     n_draws = c1.slider("Dequantization draws averaged", 1, 100, 40, key="latent_draws")
-    bn = state.has_batchnorm(m)
+    bn = service.has_batchnorm(m)
     train_mode = c2.toggle(
         "BatchNorm in train mode",
         value=False,
@@ -33,19 +33,19 @@ def main() -> None:
         "instead of the running ones, as Fig. 10 does." if bn
         else "This model has no BatchNorm (Glow uses ActNorm).",
     )
-    z = state.latent_map(name, image, n_draws, "train" if train_mode and bn else "eval")
+    z = service.latent_map(name, image, n_draws, "train" if train_mode and bn else "eval")
     st.plotly_chart(figures.latent_figure(image, z), key="latent_fig")
     finite = z[np.isfinite(z)]
     batch_note = ""
     if train_mode and bn:
-        batch_note = f" BatchNorm statistics from a batch of this image and {state.batchnorm_companions(name)[1]}."
+        batch_note = f" BatchNorm statistics from a batch of this image and {service.batchnorm_companions(name)[1]}."
     st.caption(
         f"{label}. z averaged over {n_draws} draws of dequantization noise; "
         f"mean {finite.mean():.3f}, std {finite.std():.3f} (a standard normal has 0 and 1). "
         f"Blue negative, red positive; hover for values.{batch_note}"
     )
     st.markdown(measure.latent_sentence(image, z))
-    labels = state.latent_scales(name)
+    labels = service.latent_scales(name)
     if len(np.unique(labels)) > 1:
         st.markdown("**Each scale's factored-out latents**")
         correlations = [latent_image_correlation(image, np.where(labels == s, z, np.nan)) for s in np.unique(labels)]

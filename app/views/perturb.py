@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from flowcore.dashboard import figures, measure, state
+from flowcore.dashboard import figures, measure, service, state
 from flowcore.data import images
 from flowcore.ood.verdicts import DEFAULT_FPR, judge_for
 
@@ -27,7 +27,7 @@ def main() -> None:
     )
     label, image = state.current_image(name)
     st.caption(measure.measured_edits(name, image))
-    shape = state.image_shape(name)
+    shape = service.image_shape(name)
     dims = int(np.prod(shape))
     c = st.columns(6)
     settings = {
@@ -43,9 +43,9 @@ def main() -> None:
     vary = st.radio("Likelihood curve against", list(LEVELS), horizontal=True, key="pt_vary")
     levels = LEVELS[vary]
     batch = [image, edited] + [images.perturb(image, **{**settings, vary: v}, invert=invert, seed=seed) for v in levels]
-    s = state.scores(name, np.stack(batch))
+    s = service.scores(name, np.stack(batch))
     bpd = s["bpd"]
-    ref = state.reference(name)
+    ref = service.reference(name)
     judge = judge_for(ref, "likelihood", DEFAULT_FPR) if ref else None  # the CLI's default false-positive rate
 
     left, right = st.columns([2, 3])
@@ -65,9 +65,9 @@ def main() -> None:
     with right:
         hlines = []
         if judge is not None:
-            test_bpd = state.to_units(ref["test__likelihood"], "likelihood", "bpd", dims)
+            test_bpd = service.to_units(ref["test__likelihood"], "likelihood", "bpd", dims)
             hlines.append(("test median", float(np.median(test_bpd))))
-            thr_bpd = float(state.to_units(judge.threshold, "likelihood", "bpd", dims))
+            thr_bpd = float(service.to_units(judge.threshold, "likelihood", "bpd", dims))
             hlines.append((f"OOD threshold, {100 * judge.fpr:.0f} % FPR", thr_bpd))
         fig = figures.curve(levels, bpd[2:], vary, "bits/dim", current=settings[vary], hlines=hlines)
         st.plotly_chart(fig, key="pt_curve")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from flowcore.dashboard import figures, measure, state
+from flowcore.dashboard import figures, measure, service, state
 
 H_KEY, W_KEY, C_KEY = "rf_h", "rf_w", "rf_c"
 
@@ -32,11 +32,11 @@ def main() -> None:
         "out-of-distribution images share. The line under the figure measures how local it is in this model."
     )
     label, image = state.current_image(name)
-    c, h, w = state.image_shape(name)
+    c, h, w = service.image_shape(name)
     for key, default in ((H_KEY, h // 2), (W_KEY, w // 2), (C_KEY, 0)):
         st.session_state.setdefault(key, default)
 
-    z = state.latent_map(name, image, 1, "eval")
+    z = service.latent_map(name, image, 1, "eval")
     left, right = st.columns([2, 3])
     with left:
         channel = int(st.session_state[C_KEY])
@@ -65,8 +65,8 @@ def main() -> None:
         n_positions = st.slider(
             "Latent positions sampled for the footprint", 8, 256, 48, 8, key="rf_positions", disabled=not show_footprint
         )
-        jac = np.abs(state.jacobian(name, image, index)).max(axis=0)
-        fp = np.abs(state.footprint(name, image, n_positions)).max(axis=0) if show_footprint else None
+        jac = np.abs(service.jacobian(name, image, index)).max(axis=0)
+        fp = np.abs(service.footprint(name, image, n_positions)).max(axis=0) if show_footprint else None
         st.markdown(measure.locality_sentence(jac, index[1:]))
     # The maps span the page's width below both columns: in the right column alone they were a few dozen
     # pixels wide at 1024x768, with colour bars three times their height.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from flowcore.dashboard import figures, measure, state
+from flowcore.dashboard import figures, measure, service, state
 
 # A shipped single-scale model, whose latents each belong to one pixel: resampling keeps the outside there.
 SINGLE_SCALE = "fashion_realnvp_horizontal"
@@ -21,8 +21,8 @@ def main() -> None:
         "figure measures how far this model keeps the outside."
     )
     label, image = state.current_image(name)
-    c, h, w = state.image_shape(name)
-    top0, left0, bh0, bw0 = state.box_default((c, h, w))
+    c, h, w = service.image_shape(name)
+    top0, left0, bh0, bw0 = service.box_default((c, h, w))
     cols = st.columns(4)
     top = int(cols[0].number_input("Top", 0, h - 1, top0, key="rs_top"))
     left = int(cols[1].number_input("Left", 0, w - 1, left0, key="rs_left"))
@@ -37,7 +37,7 @@ def main() -> None:
     n = s2.slider("Draws", 1, 16, 8, key="rs_n")
     seed = int(s3.number_input("Seed", 0, 10_000, 0, key="rs_seed"))
     box = (top, left, bh, bw)
-    out = state.resampled(name, image, box, n, temperature, seed)
+    out = service.resampled(name, image, box, n, temperature, seed)
     images = [np.asarray(image, dtype=np.float64) / 255.0] + [figures.to_display(x) for x in out]
     titles = ["original"] + [f"draw {i + 1}" for i in range(len(out))]
     # at most five a row: nine in a row were 50 pixels wide each on a 1024x768 projector
@@ -45,7 +45,7 @@ def main() -> None:
     st.caption(f"{label}; box top {top}, left {left}, {bh}x{bw} pixels (cyan), temperature {temperature:g}.")
     text, outside = measure.resampling_sentence(image, out, box)
     st.markdown(text)
-    if outside > measure.KEPT_OUTSIDE and SINGLE_SCALE in state.checkpoint_options() and name != SINGLE_SCALE:
+    if outside > measure.KEPT_OUTSIDE and SINGLE_SCALE in service.checkpoint_options() and name != SINGLE_SCALE:
         st.button(f"Try the single-scale `{SINGLE_SCALE}`", key="rs_single",
                   on_click=st.session_state.__setitem__, args=(state.CHECKPOINT_KEY, SINGLE_SCALE))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import streamlit as st
 
-from flowcore.dashboard import figures, state
+from flowcore.dashboard import figures, service, state
 from flowcore.data import images
 
 
@@ -21,11 +21,11 @@ def main() -> None:
     temperature = c1.slider("Temperature", 0.0, 1.5, 0.7, 0.05, key="samples_temperature")
     seed = int(c2.number_input("Seed", 0, 10_000, 0, key="samples_seed"))
     n = c3.slider("Number", 4, 32, 16, 4, key="samples_n")
-    x = state.samples(name, n, temperature, seed)
+    x = service.samples(name, n, temperature, seed)
     # rows about as tall as an image is wide on a laptop or projector: 150 px rows left wide gaps at 1024x768
     st.plotly_chart(figures.image_grid(list(x), cols=8, cell_height=110), key="samples_fig")
-    s = state.scores(name, x)
-    ref = state.reference(name)
+    s = service.scores(name, x)
+    ref = service.reference(name)
     text = f"Median bits/dim of these samples: {np.median(s['bpd']):.3f}"
     if "test__bpd" in ref:
         text += f"; of the test images: {np.median(ref['test__bpd']):.3f}."

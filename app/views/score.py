@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from flowcore.dashboard import figures, measure, state
+from flowcore.dashboard import figures, measure, service, state
 from flowcore.data import images
 from flowcore.ood.scores import SCORE_DESCRIPTIONS, result_rows, typicality_batch_test
 from flowcore.ood.scoring import write_rows
@@ -22,12 +22,12 @@ def main() -> None:
     st.title("Score")
     st.caption("Where do your images land among the model's own images and the OOD sets? "
                + measure.likelihood_finding(name))
-    shape = state.image_shape(name)
+    shape = service.image_shape(name)
     dims = int(np.prod(shape))
-    ref = state.reference(name)
+    ref = service.reference(name)
     good, bad = state.prepared_inputs(shape)
     # NaN or inf is an error for that image, never a percentile or a verdict (NaN < threshold is False)
-    good, results, not_finite = state.finite_scores(name, good)
+    good, results, not_finite = service.finite_scores(name, good)
     state.show_input_errors([*bad, *not_finite])
     flipped = [item.name for item, p in good if p.inverted]
     if flipped and state.preprocessing_options()[0] == "auto":
@@ -45,7 +45,7 @@ def main() -> None:
         key="score_fpr",
         help="The threshold flags this fraction of the in-distribution test images as OOD.",
     )
-    available = state.reference_scores(name) or ["likelihood"]
+    available = service.reference_scores(name) or ["likelihood"]
     score = c3.selectbox(
         "Score",
         available,
@@ -107,14 +107,14 @@ def main() -> None:
     markers: list[tuple[str, float]] = []
     if good:
         markers = [
-            (item.name, float(state.to_units(v, "likelihood", units, dims)))
+            (item.name, float(service.to_units(v, "likelihood", units, dims)))
             for (item, _), v in zip(good, ll, strict=False)
         ]
         markers = markers[:MAX_MARKERS]
     left, right = st.columns(2)
     with left:
         st.markdown("**Likelihood of reference images and yours**")
-        fig = figures.histogram(state.score_values(name, "likelihood", units), markers, xlabel=unit_label)
+        fig = figures.histogram(service.score_values(name, "likelihood", units), markers, xlabel=unit_label)
         st.plotly_chart(fig, key="hist_likelihood")
         st.caption("Dashed lines: medians. Solid lines: your images (first twelve).")
     with right:
@@ -131,10 +131,10 @@ def main() -> None:
                 :MAX_MARKERS
             ]
             fig = figures.histogram(
-                state.score_values(name, score), smarkers, xlabel=f"{score} (higher = more in-dist.)"
+                service.score_values(name, score), smarkers, xlabel=f"{score} (higher = more in-dist.)"
             )
             st.plotly_chart(fig, key="hist_score")
-            rows = {r["score"]: r for r in state.auroc_rows(name)}
+            rows = {r["score"]: r for r in service.auroc_rows(name)}
             cols = st.columns(max(1, len(rows.get(score, {})) - 1) or 1)
             for col, (ood, value) in zip(
                 cols, [(k, v) for k, v in rows.get(score, {}).items() if k != "score"], strict=False
@@ -186,7 +186,7 @@ def main() -> None:
 
 
 def show_auroc_table(name: str) -> None:
-    table = state.auroc_percent_table(name)
+    table = service.auroc_percent_table(name)
     if table is not None:
         st.table(table)
     else:

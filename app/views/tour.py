@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from flowcore.dashboard import figures, measure, state
+from flowcore.dashboard import figures, measure, service, state
 
 STEP_KEY = "tour_step"
 TOUR_MODEL = "fashion_realnvp"  # the default model; the tour uses the one in the sidebar if it is absent
@@ -25,43 +25,43 @@ VARIANTS = [
 
 
 def tour_model() -> str:
-    options = state.checkpoint_options()
+    options = service.checkpoint_options()
     return TOUR_MODEL if TOUR_MODEL in options else state.need_checkpoint()
 
 
 def _ood_set(name: str) -> str | None:
     """The OOD set the tour follows: MNIST for a Fashion-MNIST model, else the model's first OOD set."""
-    sets = [s for s in state.reference_sets(name) if s not in ("train", "test")]
+    sets = [s for s in service.reference_sets(name) if s not in ("train", "test")]
     return "mnist" if "mnist" in sets else (sets[0] if sets else None)
 
 
 def step_likelihood(name: str, image: np.ndarray) -> None:
     st.markdown("Does a flow's likelihood flag images unlike the ones it was trained on? "
                 + measure.likelihood_finding(name))
-    if not state.reference(name):
+    if not service.reference(name):
         return
-    bpd = float(state.scores(name, image[None])["bpd"][0])
-    fig = figures.histogram(state.score_values(name, "likelihood", "bpd"), markers=[("this image", bpd)],
+    bpd = float(service.scores(name, image[None])["bpd"][0])
+    fig = figures.histogram(service.score_values(name, "likelihood", "bpd"), markers=[("this image", bpd)],
                             xlabel="bits/dim (lower = more likely)")
     st.plotly_chart(fig, key="tour_hist")
 
 
 def step_latents(name: str, image: np.ndarray) -> None:
-    z = state.latent_map(name, image, 10, "eval")
+    z = service.latent_map(name, image, 10, "eval")
     st.markdown("Why? A flow maps an image to latents z of the same size. " + measure.latent_sentence(image, z))
     st.plotly_chart(figures.latent_figure(image, z), key="tour_latents")
 
 
 def step_locality(name: str, image: np.ndarray) -> None:
-    _, h, w = state.image_shape(name)
-    jac = np.abs(state.jacobian(name, image, (0, h // 2, w // 2))).max(axis=0)
+    _, h, w = service.image_shape(name)
+    jac = np.abs(service.jacobian(name, image, (0, h // 2, w // 2))).max(axis=0)
     st.markdown("Which pixels does the centre latent depend on? " + measure.locality_sentence(jac, (h // 2, w // 2)))
     st.plotly_chart(figures.jacobian_figure(image, jac, (h // 2, w // 2)), key="tour_jac", theme=None)
 
 
 def step_resampling(name: str, image: np.ndarray) -> None:
-    box = state.box_default(state.image_shape(name))
-    draws = state.resampled(name, image, box, 4, 1.0, 0)
+    box = service.box_default(service.image_shape(name))
+    draws = service.resampled(name, image, box, 4, 1.0, 0)
     text, _ = measure.resampling_sentence(image, draws, box)
     st.markdown("Redraw the latents inside a box and invert: what do they store? " + text)
     images = [np.asarray(image, dtype=np.float64) / 255.0] + [figures.to_display(x) for x in draws]
@@ -71,7 +71,7 @@ def step_resampling(name: str, image: np.ndarray) -> None:
 
 def step_changes(name: str, image: np.ndarray) -> None:
     ood = _ood_set(name)
-    options = set(state.checkpoint_options())
+    options = set(service.checkpoint_options())
     rows = []
     for variant, control, what in VARIANTS:
         if variant not in options or control not in options:
@@ -98,7 +98,7 @@ def step_changes(name: str, image: np.ndarray) -> None:
 
 def step_scores(name: str, image: np.ndarray) -> None:
     ood = _ood_set(name)
-    table = [r for r in state.auroc_rows(name) if ood in r]
+    table = [r for r in service.auroc_rows(name) if ood in r]
     if not table:
         st.markdown("What works instead? This model has no AUROC table yet.")
         return
@@ -114,7 +114,7 @@ def step_scores(name: str, image: np.ndarray) -> None:
 
 
 def step_features(name: str, image: np.ndarray) -> None:
-    flows = [f for f in state.feature_checkpoints() if measure.likelihood_aurocs(f)]
+    flows = [f for f in service.feature_checkpoints() if measure.likelihood_aurocs(f)]
     if not flows:
         st.markdown("The paper's positive answer (Sec. 8) is a flow on the features of an ImageNet-trained "
                     "classifier; no such flow with reference statistics is installed here.")
@@ -122,7 +122,7 @@ def step_features(name: str, image: np.ndarray) -> None:
     st.markdown("The paper's positive answer (Sec. 8): the same kind of flow, trained on the features an "
                 "ImageNet classifier computes for each image rather than on its pixels.")
     for flow in flows:
-        pixels = state.pixel_counterparts(flow)
+        pixels = service.pixel_counterparts(flow)
         best = measure.best_feature_score(flow)  # the flow or a baseline on its features, whichever is best
         st.markdown(measure.features_finding(flow, pixels, best))
         rows = {f"{flow}: {measure.FEATURE_SCORES[s]}": row for s, row in measure.feature_score_aurocs(flow).items()}

@@ -12,7 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 import streamlit as st
 
-from flowcore.dashboard import figures, state
+from flowcore.dashboard import figures, service, state
 from flowcore.data.datasets import DatasetNotFound, load_images
 from flowcore.data.images import encode_png
 from flowcore.ood import jobs
@@ -28,7 +28,7 @@ def _png_files(images: np.ndarray, prefix: str) -> list[tuple[str, bytes]]:
     return [(f"{prefix}_{i}.png", encode_png(image)) for i, image in enumerate(images)]
 
 
-@st.cache_data(show_spinner="Preparing the bundled example ...", max_entries=1)
+@service.memo(busy="Preparing the bundled example ...", max_entries=1)
 def bundled_files(data_dir: str | None) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
     """600 MNIST test digits and 300 Fashion-MNIST test images as PNG files, as a user would upload them."""
     (ind, n_in), (ood, n_ood) = BUNDLED["in"], BUNDLED["ood"]
@@ -186,7 +186,7 @@ def job_view(status: dict) -> None:
     if job_state in ("failed", "cancelled"):
         c1.button("Retry", key="own_retry", on_click=_retry, args=(job_id,),
                   help="starts again; a saved run resumes where it stopped")
-    if job_state == "done" and status.get("checkpoint") in state.checkpoint_options():
+    if job_state == "done" and status.get("checkpoint") in service.checkpoint_options():
         c1.button("Open it in the Model picker", key="own_open", on_click=_open_model, args=(status["checkpoint"],))
         c2.page_link("views/score.py", label="Score page", icon=":material/leaderboard:")
     epochs = status.get("epochs") or []

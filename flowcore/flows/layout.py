@@ -19,7 +19,9 @@ CHANNEL_COUNTS = (1, 3)
 def _tensor(images: np.ndarray | Tensor) -> Tensor:
     if isinstance(images, Tensor):
         return images.detach()
-    return torch.as_tensor(np.ascontiguousarray(images))
+    images = np.ascontiguousarray(images)
+    # a read-only array (a cached, shared one) is copied: a tensor on its memory could be written through
+    return torch.as_tensor(images if images.flags.writeable else images.copy())
 
 
 def to_batch(images: np.ndarray | Tensor, image_shape: tuple[int, int, int] | list[int] | None = None) -> Tensor:
