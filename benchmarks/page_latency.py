@@ -24,11 +24,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import screenshots as shots  # noqa: E402
-
-from flowcore.data.datasets import DatasetNotFound, load_images  # noqa: E402
-from flowcore.zoo.checkpoints import read_config  # noqa: E402
+from flowcore.data.datasets import DatasetNotFound, load_images
+from flowcore.release import screenshots as shots
+from flowcore.zoo.checkpoints import read_config
 
 TARGET_WARM = {28: 1.0, 32: 2.0}
 TARGET_COLD = 5.0

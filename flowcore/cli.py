@@ -312,6 +312,8 @@ def _cmd_app(args: argparse.Namespace) -> int:
         "true",
         "--browser.gatherUsageStats",
         "false",
+        "--server.fileWatcherType",
+        "none",  # an installed dashboard never changes under it: no watcher polling its files on a laptop CPU
         "--client.toolbarMode",
         "minimal",  # no Deploy button or developer menu for the dashboard's users
     ]
@@ -321,10 +323,18 @@ def _cmd_app(args: argparse.Namespace) -> int:
 def _cmd_release(args) -> int:
     from .release import report, steps
 
-    if args.names and args.step != "evaluate":
-        raise ValueError("checkpoint names only apply to flowcore release evaluate")
-    if args.check and args.step not in ("report", "manifest"):
-        raise ValueError("--check only applies to report and manifest")
+    if args.step == "gpu-zoo":  # runs where its configs are: the device machine's copy of the checkout
+        from .release import gpu_zoo
+
+        paths = [Path(c) for c in args.configs] or gpu_zoo.plan(steps.checkout_root(args.root))
+        if args.plan:
+            print("\n".join(gpu_zoo.plan_rows(paths)))
+            return 0
+        if args.out is None:
+            raise ValueError("--out is required (the folder the device tool sends back)")
+        gpu_zoo.run(paths, Path(args.out), Path(args.work) if args.work else None, args.minutes, args.device,
+                    args.data_dir, args.max_epochs, args.smoke, say=lambda line: print(line, flush=True))
+        return 0
     root = steps.checkout_root(args.root)
     if args.step == "evaluate":
         if args.data_dir:
@@ -334,6 +344,17 @@ def _cmd_release(args) -> int:
         return 0
     if args.step == "examples":
         print(steps.write_examples(args.data_dir))
+        return 0
+    if args.step == "screenshots":
+        from .release import screenshots
+        from .zoo.checkpoints import DEFAULT_MODEL
+
+        if args.data_dir:
+            os.environ["FLOWCORE_DATA_DIR"] = args.data_dir
+        out = Path(args.out) if args.out else root / "docs" / "screenshots"
+        images = [Path(i) for i in args.image]
+        print(screenshots.take(args.checkpoint or DEFAULT_MODEL, out, images, Path(args.chromium), args.timeout,
+                               args.size, args.own_training))
         return 0
     ok, message = (report.write if args.step == "report" else steps.write_manifest)(root, check=args.check)
     print(message)
@@ -424,15 +445,40 @@ def build_parser() -> argparse.ArgumentParser:
     z.set_defaults(func=_cmd_zoo)
 
     r = sub.add_parser("release", help="the zoo's release steps, run in a checkout: evaluate, report, manifest, "
-                                       "examples")
-    r.add_argument("step", choices=["evaluate", "report", "manifest", "examples"],
-                   help="evaluate: reference statistics of shipped checkpoints; report: docs/results.md, the README's "
-                        "results and the model cards; manifest: the download manifest; examples: the bundled images")
-    r.add_argument("names", nargs="*", help="with evaluate: checkpoints (default: every shipped one)")
-    r.add_argument("--check", action="store_true",
-                   help="with report or manifest: write nothing, exit 1 when out of date")
-    r.add_argument("--root", default=None, help="the checkout (default: the working directory)")
-    r.add_argument("--data-dir", default=None, help="dataset root (default $FLOWCORE_DATA_DIR)")
+                                       "examples, screenshots, gpu-zoo")
+    steps_of = r.add_subparsers(dest="step", required=True, metavar="STEP")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", default=None, help="the checkout (default: the working directory)")
+    common.add_argument("--data-dir", default=None, help="dataset root (default $FLOWCORE_DATA_DIR)")
+    s = steps_of.add_parser("evaluate", parents=[common], help="reference statistics of shipped checkpoints")
+    s.add_argument("names", nargs="*", help="checkpoints (default: every shipped one)")
+    for step, what in (("report", "docs/results.md, the README's results and the model cards"),
+                       ("manifest", "the download manifest")):
+        s = steps_of.add_parser(step, parents=[common], help=what)
+        s.add_argument("--check", action="store_true", help="write nothing, exit 1 when out of date")
+    steps_of.add_parser("examples", parents=[common], help="the bundled example images")
+    s = steps_of.add_parser("screenshots", parents=[common],
+                            help="every dashboard page in headless Chromium, for the README (docs/screenshots/)")
+    s.add_argument("--checkpoint", default=None, help="a name in the checkpoints folder, or a path (default: the "
+                                                          "dashboard's default model)")
+    s.add_argument("--image", action="append", default=[], help="upload this image (repeatable; default: the "
+                                                                   "first Fashion-MNIST and MNIST test images)")
+    s.add_argument("--out", default=None, help="folder (default: docs/screenshots of the checkout)")
+    s.add_argument("--chromium", default="/usr/bin/chromium")
+    s.add_argument("--timeout", type=float, default=300, help="seconds to wait for one page")
+    s.add_argument("--size", default=None, help="viewport WIDTHxHEIGHT, e.g. 1024x768 (a projector)")
+    s.add_argument("--own-training", action="store_true",
+                   help="only the Train-on-your-images page, during and after a training of its bundled example")
+    s = steps_of.add_parser("gpu-zoo", parents=[common],
+                            help="train the GPU plan (configs/gpu/) sized to a time budget and pack it for return")
+    s.add_argument("configs", nargs="*", help="training configs (default: the plan, configs/gpu/*.json)")
+    s.add_argument("--out", default=None, help="folder for the results (the device tool's $OUT): tars and report")
+    s.add_argument("--work", default=None, help="folder for runs, probes and exports (default: a temporary one)")
+    s.add_argument("--minutes", type=float, default=8.0, help="training budget for all configs together")
+    s.add_argument("--device", default="cuda")
+    s.add_argument("--max-epochs", type=int, default=200)
+    s.add_argument("--smoke", action="store_true", help="CPU, tiny batches and subsets, about 6 s a model")
+    s.add_argument("--plan", action="store_true", help="print the models' sizes and stop")
     r.set_defaults(func=_cmd_release)
 
     a = sub.add_parser("app", help="start the dashboard")

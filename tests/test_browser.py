@@ -2,7 +2,8 @@
 
 One Streamlit server (on the tiny checkpoint of ``test_app.py``) and one Chromium serve the whole module;
 each test opens its own tabs, each a Streamlit session of its own. The page helpers live in
-``benchmarks/screenshots.py`` (the script that takes the README's screenshots), so that script is tested too.
+``flowcore.release.screenshots`` (``flowcore release screenshots`` takes the README's screenshots with them), so
+that step is tested too; the server is this environment's ``flowcore app``, as a user starts it.
 
 Needs the ``playwright`` Python package and Debian's Chromium at ``/usr/bin/chromium`` (never a browser
 downloaded by ``playwright install``); the tests skip without them. With ``FLOWCORE_SCREENSHOTS=<folder>``,
@@ -11,7 +12,6 @@ downloaded by ``playwright install``); the tests skip without them. With ``FLOWC
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -25,11 +25,9 @@ import numpy as np
 import pytest
 import torch
 
+from flowcore.release import screenshots as shots
+
 ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("flowcore_screenshots", ROOT / "benchmarks" / "screenshots.py")
-shots = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = shots  # its dataclasses look their module up
-_spec.loader.exec_module(shots)
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 

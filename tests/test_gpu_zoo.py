@@ -1,8 +1,8 @@
-"""Issue 21: the lent-GPU script, smoke-tested on the CPU (it must work the first time a GPU is lent)."""
+"""Issue 21: the lent-GPU step (`flowcore release gpu-zoo`), smoke-tested on the CPU (it must work the first
+time a GPU is lent)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import tarfile
 from pathlib import Path
@@ -10,18 +10,13 @@ from pathlib import Path
 import numpy as np
 
 import flowcore
+from flowcore.cli import main
 from flowcore.flows.models import count_parameters
+from flowcore.release import gpu_zoo
 from flowcore.training.train import load_train_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_LIMIT_MB = 15.0
-
-
-def _gpu_zoo():
-    spec = importlib.util.spec_from_file_location("gpu_zoo", ROOT / "tools" / "gpu_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _unpacked(tar_path: Path) -> list[str]:
@@ -39,8 +34,8 @@ def test_gpu_zoo_script_sizes_trains_and_packs(tmp_path, capsys):
            "warmup_steps": 2, "test_subset": 32}
     (tmp_path / "tiny.json").write_text(json.dumps(cfg))
     out, work = tmp_path / "out", tmp_path / "work"
-    assert _gpu_zoo().main(["--device", "cpu", "--minutes", "0.1", "--max-epochs", "3", "--out", str(out),
-                            "--work", str(work), str(tmp_path / "tiny.json")]) == 0
+    assert main(["release", "gpu-zoo", "--device", "cpu", "--minutes", "0.1", "--max-epochs", "3", "--out", str(out),
+                 "--work", str(work), str(tmp_path / "tiny.json")]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report[0]["epochs"] >= 1 and report[0]["stopped_by"] in ("epochs", "time", "max_minutes")
     assert report[0]["img_per_s_probe"] > 0 and report[0]["returnable"]
@@ -51,7 +46,7 @@ def test_gpu_zoo_script_sizes_trains_and_packs(tmp_path, capsys):
 
 
 def test_the_plan_is_larger_than_the_shipped_models_and_fits_a_checkpoint():
-    plan = _gpu_zoo().PLAN
+    plan = gpu_zoo.plan(ROOT)
     assert len(plan) == 5
     for path in plan:
         cfg = load_train_config(path)  # validated
@@ -66,10 +61,10 @@ def test_smoke_runs_the_plan_on_the_cpu(tmp_path, data_dir):
     """``--smoke``: every planned model through the same code path, tiny, on the CPU; each packed file would
     come back through the device tool (<= 16 MiB; at most 8 files in all)."""
     out = tmp_path / "out"
-    assert _gpu_zoo().main(["--smoke", "--out", str(out), "--work", str(tmp_path / "work"),
-                            "--data-dir", data_dir]) == 0
+    assert main(["release", "gpu-zoo", "--smoke", "--root", str(ROOT), "--out", str(out),
+                 "--work", str(tmp_path / "work"), "--data-dir", data_dir]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert [Path(r["config"]).stem for r in report] == [p.stem for p in _gpu_zoo().PLAN]
+    assert [Path(r["config"]).stem for r in report] == [p.stem for p in gpu_zoo.plan(ROOT)]
     assert all(r["device"] == "cpu" and r["returnable"] for r in report)
     files = sorted(out.iterdir())
     assert len(files) <= 8 and all(f.stat().st_size <= 16 * 2**20 for f in files)

@@ -1,11 +1,11 @@
 """Train larger versions of the headline models on a lent GPU in one call, sized to a time budget, and pack them.
 
-    python tools/gpu_zoo.py --minutes 8 --out "$OUT"                 # the plan below (configs/gpu/*.json)
-    python tools/gpu_zoo.py --minutes 8 --out "$OUT" CONFIG [CONFIG ...]
-    python tools/gpu_zoo.py --smoke --out /tmp/zoo                   # the same code path on the CPU, tiny
+    flowcore release gpu-zoo --minutes 8 --out "$OUT"                # the plan below (configs/gpu/*.json)
+    flowcore release gpu-zoo --minutes 8 --out "$OUT" CONFIG [CONFIG ...]
+    flowcore release gpu-zoo --smoke --out /tmp/zoo                  # the same code path on the CPU, tiny
 
 The plan (``configs/gpu/``): each model is the shipped one made wider or deeper, up to the 15 MB a shipped
-checkpoint may weigh (float32 weights; ``python tools/gpu_zoo.py --plan`` prints this table from the configs,
+checkpoint may weigh (float32 weights; ``flowcore release gpu-zoo --plan`` prints this table from the configs,
 ``tests/test_gpu_zoo.py`` checks the sizes):
 
     config                 architecture                          params   weights   shipped now
@@ -34,19 +34,17 @@ CPU with ``flowcore release evaluate NAME`` and say in its card where it was tra
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from flowcore.training.train import load_train_config, train
+from ..data.files import atomic_write
+from ..training.train import load_train_config, train
 
-ROOT = Path(__file__).resolve().parent.parent
-PLAN = sorted((ROOT / "configs" / "gpu").glob("*.json"))
 PROBE_STEPS = 30
 RETURN_LIMIT_MIB = 16  # the device tool's limit per returned file
 
@@ -81,75 +79,66 @@ def pack(work: Path, out: Path, name: str) -> Path:
     return path
 
 
-def print_plan(paths: list[Path]) -> None:
-    """Each planned model's parameters and float32 weight size, beside the shipped model it enlarges."""
-    import flowcore
-    from flowcore.flows.models import count_parameters
+def plan(root: Path) -> list[Path]:
+    """The plan: the checkout's ``configs/gpu/*.json``, by name."""
+    return sorted((root / "configs" / "gpu").glob("*.json"))
 
+
+def plan_rows(paths: list[Path]) -> list[str]:
+    """Each planned model's parameters and float32 weight size, beside the shipped model it enlarges."""
+    from .. import build, load
+    from ..flows.models import count_parameters
+
+    rows = []
     for path in paths:
         cfg = load_train_config(path)
-        params = count_parameters(flowcore.build(cfg.model))
+        params = count_parameters(build(cfg.model))
         shipped = cfg.name.removesuffix("_gpu")
-        base = count_parameters(flowcore.load(shipped))
-        print(f"{cfg.name:<22}{params / 1e6:6.2f} M {4 * params / 1e6:6.1f} MB   {shipped} ({base / 1e6:.2f} M): "
-              f"{params / base:.1f}x")
+        base = count_parameters(load(shipped))
+        rows.append(f"{cfg.name:<22}{params / 1e6:6.2f} M {4 * params / 1e6:6.1f} MB   {shipped} "
+                    f"({base / 1e6:.2f} M): {params / base:.1f}x")
+    return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("configs", nargs="*", help="training configs (default: the plan, configs/gpu/*.json)")
-    p.add_argument("--out", default=None, help="folder for the results (the device tool's $OUT): tars and report")
-    p.add_argument("--work", default=None, help="folder for runs, probes and exports (default: a temporary one)")
-    p.add_argument("--minutes", type=float, default=8.0, help="training budget for all configs together")
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--max-epochs", type=int, default=200)
-    p.add_argument("--smoke", action="store_true", help="CPU, tiny batches and subsets, about 6 s a model")
-    p.add_argument("--plan", action="store_true", help="print the models' sizes and stop")
-    args = p.parse_args(argv)
-    if args.plan:
-        print_plan([Path(c) for c in args.configs] or PLAN)
-        return 0
-    if args.out is None:
-        p.error("--out is required (the folder the device tool sends back)")
-    if args.smoke:
-        args.device, args.minutes, args.max_epochs = "cpu", 0.1 * len(args.configs or PLAN), 1
-    out = Path(args.out)
+def run(paths: list[Path], out: Path, work: Path | None = None, minutes: float = 8.0, device: str = "cuda",
+        data_dir: str | None = None, max_epochs: int = 200, smoke: bool = False,
+        say: Callable[[str], None] = print) -> list[dict]:
+    """Train each config for its share of ``minutes`` on ``device``, pack it into ``out`` and write
+    ``out/report.json`` after each model (a timeout keeps what finished); returns the report. ``smoke``: the
+    CPU, tiny batches and subsets, about 6 s a model."""
+    if smoke:
+        device, minutes, max_epochs = "cpu", 0.1 * len(paths), 1
     out.mkdir(parents=True, exist_ok=True)
     # runs (with optimizer states), probes and exports stay outside $OUT: everything there is sent back
-    work = Path(args.work or tempfile.mkdtemp(prefix="gpu_zoo_"))
-    paths = [Path(c) for c in args.configs] or PLAN
-    share = args.minutes * 60 / len(paths)
+    work = work or Path(tempfile.mkdtemp(prefix="gpu_zoo_"))
+    share = minutes * 60 / len(paths)
     report = []
     for path in paths:
         cfg = load_train_config(path)
-        if args.smoke:
+        if smoke:
             cfg = smoke_config(cfg)
-        probe_steps = 3 if args.smoke else PROBE_STEPS
-        rate = images_per_second(cfg, args.device, work / "probe" / cfg.name, args.data_dir, probe_steps)
-        n_train = cfg.train_subset or _train_size(cfg, args.data_dir)
+        probe_steps = 3 if smoke else PROBE_STEPS
+        rate = images_per_second(cfg, device, work / "probe" / cfg.name, data_dir, probe_steps)
+        n_train = cfg.train_subset or _train_size(cfg, data_dir)
         # 15 % of the share is left for the per-epoch test bpd, the export and the first steps' warm-up
-        epochs = max(1, min(args.max_epochs, int(0.85 * share * rate / n_train)))
-        run = dataclasses.replace(cfg, epochs=epochs, max_minutes=share / 60 * 1.5, threads=None)
+        epochs = max(1, min(max_epochs, int(0.85 * share * rate / n_train)))
+        job = dataclasses.replace(cfg, epochs=epochs, max_minutes=share / 60 * 1.5, threads=None)
         t0 = time.perf_counter()
-        summary = train(run, run_dir=work / "runs" / cfg.name, data_dir=args.data_dir, export_dir=work / cfg.name,
-                        replace=True, progress=False, device=args.device)
+        summary = train(job, run_dir=work / "runs" / cfg.name, data_dir=data_dir, export_dir=work / cfg.name,
+                        replace=True, progress=False, device=device)
         packed = pack(work, out, cfg.name)
         mib = packed.stat().st_size / 2**20
-        report.append({"config": str(path), "device": args.device, "img_per_s_probe": round(rate, 1),
+        report.append({"config": str(path), "device": device, "img_per_s_probe": round(rate, 1),
                        "epochs": epochs, "seconds": round(time.perf_counter() - t0, 1),
                        "test_bpd_subset": summary["test_bpd"], "stopped_by": summary["stopped_by"],
                        "tar": packed.name, "tar_mib": round(mib, 2), "returnable": mib <= RETURN_LIMIT_MIB})
-        print(json.dumps(report[-1]), flush=True)
-        (out / "report.json").write_text(json.dumps(report, indent=1) + "\n")  # after each model: a timeout keeps it
-    return 0
+        say(json.dumps(report[-1]))
+        text = json.dumps(report, indent=1) + "\n"
+        atomic_write(out / "report.json", lambda tmp, text=text: tmp.write_text(text))
+    return report
 
 
 def _train_size(cfg, data_dir: str | None) -> int:
-    from flowcore.data.datasets import load_images
+    from ..data.datasets import load_images
 
     return len(load_images(cfg.dataset, "train", data_dir))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,12 +1,12 @@
 """Screenshots of every dashboard page, taken in headless Chromium (Playwright) after uploading example images.
 
-Usage::
+Usage (in a checkout)::
 
-    python benchmarks/screenshots.py                               # checkpoint fashion_realnvp
-    python benchmarks/screenshots.py --checkpoint mnist_realnvp    # a name in the checkpoints folder, or a path
-    python benchmarks/screenshots.py --image a.png --image b.jpg   # upload these instead of the examples
+    flowcore release screenshots                                   # the default checkpoint
+    flowcore release screenshots --checkpoint mnist_realnvp        # a name in the checkpoints folder, or a path
+    flowcore release screenshots --image a.png --image b.jpg       # upload these instead of the examples
 
-Starts ``streamlit run app/Home.py`` on a free port (the checkpoint preselected through
+Starts ``flowcore app`` (this environment's) on a free port (the checkpoint preselected through
 ``FLOWCORE_DEFAULT_CHECKPOINT``), uploads the first Fashion-MNIST and the first MNIST test image (as PNG,
 from ``$FLOWCORE_DATA_DIR``; a generated photo when neither is there), visits every page through the
 sidebar and saves a full-page screenshot of each to ``docs/screenshots/<page>.png`` (``--out``).
@@ -18,7 +18,6 @@ the helpers below, so they are tested against a tiny checkpoint.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import socket
@@ -35,8 +34,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-ROOT = Path(__file__).resolve().parent.parent
-HOME = ROOT / "app" / "Home.py"
+# the dashboard as a user starts it: this environment's `flowcore app` (a checkout's app/ when installed editable)
+FLOWCORE_APP = [sys.executable, "-m", "flowcore", "app"]
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -161,8 +160,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def serve(env: dict[str, str | None] | None = None, log: Path | None = None, timeout: float = 90,
           command: list[str] | None = None, cwd: Path | None = None) -> Iterator[str]:
-    """The dashboard (``streamlit run`` of this checkout, or ``command + ["--port", PORT]``, e.g. an installed
-    ``flowcore app``) on a free local port; yields its URL. ``env``: variables to set (None: unset)."""
+    """The dashboard (``command + ["--port", PORT]``, by default this environment's ``flowcore app``) on a free
+    local port, run in ``cwd``; yields its URL. ``env``: variables to set (None: unset)."""
     environ = dict(os.environ)
     for key, value in (env or {}).items():
         if value is None:
@@ -170,18 +169,13 @@ def serve(env: dict[str, str | None] | None = None, log: Path | None = None, tim
         else:
             environ[key] = value
     port = free_port()
-    if command is not None:
-        cmd = [*command, "--port", str(port)]
-    else:
-        cmd = [sys.executable, "-m", "streamlit", "run", str(HOME), "--server.port", str(port)]
-        cmd += ["--server.address", "127.0.0.1", "--server.headless", "true", "--server.fileWatcherType", "none"]
-        cmd += ["--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"]  # no "Deploy" button
+    cmd = [*(command or FLOWCORE_APP), "--port", str(port)]
     if log is None:
         fd, name = tempfile.mkstemp(prefix="flowcore_streamlit_", suffix=".log")
         os.close(fd)
         log = Path(name)
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=environ, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=environ, stdout=out, stderr=subprocess.STDOUT)
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + timeout
@@ -377,59 +371,46 @@ def own_training_screenshots(url: str, browser: Any, folder: Path, timeout: floa
         page.close()
 
 
-# ---------------------------------------------------------------------------------------------- script
+# ---------------------------------------------------------------------------------------------- command
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", default="fashion_realnvp", help="name in the checkpoints folder, or a path")
-    parser.add_argument("--image", action="append", type=Path, default=[], help="upload these (repeatable)")
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
-    parser.add_argument("--chromium", type=Path, default=CHROMIUM)
-    parser.add_argument("--timeout", type=float, default=300, help="seconds to wait for one page")
-    parser.add_argument("--size", default=None, help="viewport WIDTHxHEIGHT, e.g. 1024x768 (a projector)")
-    parser.add_argument("--own-training", action="store_true",
-                        help="only the Train-on-your-images page, during and after a training of its bundled example "
-                             "(capped at 2 CPU minutes, in a temporary zoo)")
-    args = parser.parse_args(argv)
-
+def take(checkpoint: str, out: Path, images: list[Path] | None = None, chromium: Path = CHROMIUM,
+         timeout_s: float = 300, size: str | None = None, own_training: bool = False) -> str:
+    """``flowcore release screenshots``: every page of ``checkpoint`` after uploading ``images`` (default: the
+    first Fashion-MNIST and MNIST test images), or with ``own_training`` only the Train-on-your-images page during
+    and after a training of its bundled example (capped at 2 CPU minutes, in a temporary zoo); returns what it
+    wrote."""
     from playwright.sync_api import sync_playwright
 
-    from flowcore.zoo.checkpoints import CheckpointError, resolve
+    from flowcore.zoo.checkpoints import resolve
 
-    try:
-        resolve(args.checkpoint)
-    except CheckpointError as e:
-        parser.error(str(e))
-    if not args.chromium.exists():
-        parser.error(f"{args.chromium} not found (apt-get install chromium)")
-    timeout = 1000 * args.timeout
+    resolve(checkpoint)  # an unknown checkpoint: its one-line CheckpointError before a browser starts
+    if not chromium.exists():
+        raise FileNotFoundError(f"{chromium} not found (apt-get install chromium)")
+    viewport = VIEWPORT
+    if size:
+        try:
+            width, height = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--size wants WIDTHxHEIGHT, e.g. 1024x768, not {size!r}") from None
+        viewport = {"width": width, "height": height}
+    timeout = 1000 * timeout_s
     with tempfile.TemporaryDirectory() as tmp:
-        images = args.image or example_images(Path(tmp))
-        env = {"FLOWCORE_DEFAULT_CHECKPOINT": args.checkpoint}
-        if args.own_training:
+        images = images or example_images(Path(tmp))
+        env = {"FLOWCORE_DEFAULT_CHECKPOINT": checkpoint}
+        if own_training:
             env.update(FLOWCORE_CACHE=str(Path(tmp) / "cache"), FLOWCORE_TRAIN_MINUTES_CAP="2")
-        with serve(env, log=Path(tmp) / "streamlit.log") as url:
-            with sync_playwright() as p:
-                browser = launch(p, args.chromium)
-                try:
-                    viewport = VIEWPORT
-                    if args.size:
-                        width, height = (int(v) for v in args.size.lower().split("x"))
-                        viewport = {"width": width, "height": height}
-                    if args.own_training:
-                        own_training_screenshots(url, browser, args.out, timeout, viewport)
-                        print(f"train_own.png and train_own_done.png in {args.out}")
-                        return
-                    page = browser.new_page(viewport=viewport)
-                    page.set_default_timeout(timeout)
-                    open_app(page, url, timeout)
-                    upload(page, images, timeout)
-                    visit_every_page(page, args.out, timeout)
-                finally:
-                    browser.close()
-    print(f"{len(PAGES)} screenshots of {args.checkpoint} with {', '.join(p.name for p in images)} in {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+        with serve(env, log=Path(tmp) / "streamlit.log") as url, sync_playwright() as p:
+            browser = launch(p, chromium)
+            try:
+                if own_training:
+                    own_training_screenshots(url, browser, out, timeout, viewport)
+                    return f"train_own.png and train_own_done.png in {out}"
+                page = browser.new_page(viewport=viewport)
+                page.set_default_timeout(timeout)
+                open_app(page, url, timeout)
+                upload(page, images, timeout)
+                visit_every_page(page, out, timeout)
+            finally:
+                browser.close()
+    return f"{len(PAGES)} screenshots of {checkpoint} with {', '.join(p.name for p in images)} in {out}"
