@@ -141,6 +141,35 @@ def test_a_table1_cell_reads_the_best_plain_model_and_a_continuation_counts(tmp_
                                    "cpu_minutes": 70.0}) == 180.0
 
 
+def test_the_default_model_is_the_measured_pick():
+    """The dashboard, the tour and the wheel open on the model the report picks from measured AUROCs."""
+    from flowcore.zoo.checkpoints import DEFAULT_MODEL
+
+    pick, rows = results.default_choice(set(list_checkpoints()))
+    assert pick == DEFAULT_MODEL, f"the measured pick is {pick}: make it flowcore.zoo.checkpoints.DEFAULT_MODEL"
+    assert any(f"`{DEFAULT_MODEL}`" in row for row in rows[2:])
+
+
+def test_the_default_pick_prefers_failing_like_the_paper_then_nearness(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(tmp_path))
+
+    def fake(name, arch, bpd, aurocs):
+        (tmp_path / name).mkdir()
+        cfg = {"name": name, "dataset": "fashion_mnist", "model": {"arch": arch, "image_shape": [1, 28, 28]},
+               "reference": {"bpd_mean": bpd, "auroc": {"likelihood": aurocs}}}
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+
+    fake("fashion_realnvp", "realnvp", 3.3, {"mnist": 0.06, "notmnist": 0.726})  # 2.7 points from the paper
+    fake("fashion_glow", "glow", 3.0, {"mnist": 0.10, "notmnist": 0.75})  # 4.2 points from the paper
+    names = {p.name for p in tmp_path.iterdir()}
+    assert results.default_choice(names)[0] == "fashion_realnvp"
+    # no longer failing where the paper fails (MNIST above 50 %), and so far from its cell: the other is picked
+    (tmp_path / "fashion_realnvp" / "config.json").unlink()
+    (tmp_path / "fashion_realnvp").rmdir()
+    fake("fashion_realnvp", "realnvp", 3.3, {"mnist": 0.55, "notmnist": 0.72})
+    assert results.default_choice(names)[0] == "fashion_glow"
+
+
 def test_the_report_says_where_a_better_feature_density_is_not_a_better_score(tmp_path, monkeypatch):
     """Under Table 2a the report states, per flow on features, how much better a density it is than the Gaussian
     it starts from (held-out NLL, exported epoch against epoch 0) and on which sets its likelihood still loses to
