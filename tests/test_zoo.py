@@ -188,8 +188,19 @@ def test_the_report_says_where_a_better_feature_density_is_not_a_better_score(tm
     assert "-0.2500 nats per feature at the exported epoch 3, against -0.2000 at epoch 0" in line
     assert "better density by 0.0500 nats per feature (64 nats an image)" in line
     assert "separates 1 set(s) less well" in line and "notMNIST 95.0 against 97.0 (k-NN 99.5)" in line
-    assert "MNIST 90.0" not in line and "CelebA" not in line  # ahead, or equal as shown
+    assert "MNIST 90.0" not in line and "CelebA 100.0 against" not in line  # ahead, or equal as shown
+    assert "Target CIFAR-10 -> CelebA >= 97 %: 100.0 (met; Gaussian 100.0, k-NN 100.0)." in line
     auroc["likelihood"]["notmnist"] = 0.98
+    auroc["likelihood"]["celeba32"] = 0.961
+    (tmp_path / "cifar10_embeddings" / "config.json").write_text(json.dumps(cfg))
+    (line,) = results.feature_flow_findings({"cifar10_embeddings"})
+    assert "at least the Gaussian's on every set" not in line  # CelebA now behind the Gaussian's 100.0
+    assert "CelebA >= 97 %: 96.1 (not met; Gaussian 100.0, k-NN 100.0): the Gaussian's density" in line
+    auroc["embedding_gaussian"]["celeba32"] = 0.95
+    (tmp_path / "cifar10_embeddings" / "config.json").write_text(json.dumps(cfg))
+    (line,) = results.feature_flow_findings({"cifar10_embeddings"})
+    assert "neither density of these features reaches it, a distance to the nearest" in line
+    auroc["likelihood"]["celeba32"] = 0.99999
     (tmp_path / "cifar10_embeddings" / "config.json").write_text(json.dumps(cfg))
     (line,) = results.feature_flow_findings({"cifar10_embeddings"})
     assert "at least the Gaussian's on every set" in line
