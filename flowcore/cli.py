@@ -42,31 +42,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_train_config(args.config)
     if args.epochs is not None:
         cfg = dataclasses.replace(cfg, epochs=args.epochs)  # validated like the file's own value
-    if cfg.features:  # Sec. 8: a flow on image features (or App. K.3: on table rows)
+    if cfg.features:  # Sec. 8: a flow on image features (or App. K.3: on table rows), in the same training loop
         from .ood.vectors import train_vectors
 
-        if args.resume:
-            raise ValueError("a flow on vectors trains in minutes and keeps no resumable state: run it again "
-                             "without --resume")
         summary = train_vectors(cfg, args.run_dir, args.data_dir, args.export, args.replace,
                                 progress=not args.no_progress, max_minutes=args.max_minutes,
-                                max_steps=args.max_steps, device=args.device)
-        print(f"done: {summary['stopped_by']} after {summary['epoch']} epochs, best epoch "
-              f"{summary['selected_epoch']}, test nll {summary['test_nll_per_dim']:.4f} nats/feature, exported to "
-              f"{summary['export']}")
-        return 0
-    summary = train(
-        cfg,
-        run_dir=args.run_dir,
-        resume=args.resume,
-        data_dir=args.data_dir,
-        export_dir=args.export,
-        max_minutes=args.max_minutes,
-        max_steps=args.max_steps,
-        progress=not args.no_progress,
-        device=args.device,
-        replace=args.replace,
-    )
+                                max_steps=args.max_steps, device=args.device, resume=args.resume)
+    else:
+        summary = train(
+            cfg,
+            run_dir=args.run_dir,
+            resume=args.resume,
+            data_dir=args.data_dir,
+            export_dir=args.export,
+            max_minutes=args.max_minutes,
+            max_steps=args.max_steps,
+            progress=not args.no_progress,
+            device=args.device,
+            replace=args.replace,
+        )
     if not _is_main():
         return 0
     if summary["stopped_by"] == "max_steps":
@@ -74,6 +68,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"stopped after {args.max_steps} steps at epoch {summary['epoch']}, step {summary['step']}: "
             "state saved, continue with --resume"
         )
+    elif "test_nll_per_dim" in summary:  # a flow on vectors: nats per feature, its best epoch exported
+        print(f"done: {summary['stopped_by']} after {summary['epoch']} epochs, best epoch {summary['selected_epoch']}, "
+              f"test nll {summary['test_nll_per_dim']:.4f} nats/feature, exported to {summary['export']}")
     else:
         print(f"done: {summary['stopped_by']}, test bpd {summary['test_bpd']:.4f}, exported to {summary['export']}")
     return 0

@@ -304,17 +304,33 @@ def test_a_whitening_flow_trains_against_validation_and_stores_its_baselines(fak
         assert row["score"] == score and row["value"] == pytest.approx(float(value), abs=1e-4)
 
 
-def test_feature_training_honours_max_steps_and_refuses_resume(fake, capsys):
+def test_feature_training_runs_in_the_one_loop_and_a_resumed_run_is_bit_identical(fake, capsys):
+    """Flows on vectors train in the pixel flows' loop: ``--max-steps`` stops with the state saved and nothing
+    exported, ``--resume`` continues it, and the resumed run exports exactly the uninterrupted run's weights,
+    curve and selected epoch; a fresh run into a used folder is refused like a pixel run's."""
+    from safetensors.torch import load_file
+
     tmp_path, _ = fake
     (tmp_path / "cfg.json").write_text(json.dumps(_whitening_config(tmp_path)))
-    ck = tmp_path / "ck"
-    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--export", str(ck),
-                 "--no-progress", "--max-steps", "5"]) == 0
-    training = json.loads((ck / "config.json").read_text())["training"]
-    assert training["stopped_by"] == "max_steps" and training["images_seen"] == 5 * 60
-    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run"), "--resume"]) == 2
-    err = capsys.readouterr().err
-    assert "without --resume" in err and len(err.strip().splitlines()) == 1
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run_whole"), "--export",
+                 str(whole), "--no-progress"]) == 0
+    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run_parts"), "--export",
+                 str(parts), "--no-progress", "--max-steps", "5"]) == 0
+    assert "state saved, continue with --resume" in capsys.readouterr().out
+    assert not parts.exists() and (tmp_path / "run_parts" / "state.pt").is_file()
+    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run_parts"), "--export",
+                 str(parts), "--no-progress"]) == 2  # a fresh run over a saved one: refused, one line
+    assert "pass --resume" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "cfg.json"), "--run-dir", str(tmp_path / "run_parts"), "--export",
+                 str(parts), "--no-progress", "--resume"]) == 0
+    a, b = load_file(whole / "model.safetensors"), load_file(parts / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ta, tb = (json.loads((d / "config.json").read_text())["training"] for d in (whole, parts))
+    assert ta["curve"] == tb["curve"] and ta["validation"] == tb["validation"]
+    assert ta["images_seen"] == tb["images_seen"] and ta["stopped_by"] == tb["stopped_by"]
+    events = [json.loads(line)["event"] for line in (tmp_path / "run_parts" / "log.jsonl").open()]
+    assert events.count("start") == 1 and "resume" in events and events[-1] == "export"
 
 
 def test_an_old_feature_flow_without_baselines_says_so(fake, capsys):

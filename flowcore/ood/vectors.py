@@ -10,10 +10,11 @@ continuous densities of the features in nats (no pixel quantisation, so no bits/
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,20 @@ from ..data.datasets import DatasetNotFound, load_images, set_label
 from ..data.files import atomic_write
 from ..flows.models import build
 from ..training.distributed import float32_work, torch_threads
-from ..training.train import TABULAR, RunLog, TrainConfig, export_folder, lock_run_folder, lr_at, optimizer_for
+from ..training.train import (
+    TABULAR,
+    RunBase,
+    RunLog,
+    TrainConfig,
+    check_budget,
+    check_fresh_log,
+    export_folder,
+    lock_run_folder,
+    lr_at,
+    optimizer_for,
+    restore_or_begin,
+    run_epochs,
+)
 from ..zoo.checkpoints import KNN, PROJECTION, cache_dir, save, staged_checkpoint
 from .knn import knn_score, normalise
 
@@ -206,6 +220,83 @@ def write_knn_bank(folder: str | os.PathLike, bank: np.ndarray) -> None:
     atomic_write(Path(folder) / KNN, lambda tmp: save_file({"bank": bank}, str(tmp)), suffix=".safetensors")
 
 
+@dataclass(kw_only=True)
+class _VectorRun(RunBase):
+    """A flow on vectors' run in :func:`flowcore.training.train.run_epochs`: its training, validation and test
+    vectors, the curve of held-out NLLs and the best epoch so far (both saved with the state, so a resumed run
+    selects and stops as an uninterrupted one would)."""
+
+    x_train: torch.Tensor
+    x_val: torch.Tensor
+    x_test: torch.Tensor
+    curve: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=dict)  # epoch, val (its validation NLL) and state (its weights)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, len(self.x_train) // self.cfg.batch_size)
+
+    def nll(self, x: torch.Tensor) -> float:
+        return float(-np.mean(log_likelihood(self.model, x.numpy(), device=self.device)) / self.cfg.model.dim)
+
+    def permutation(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.pos["epoch"])
+        return torch.randperm(len(self.x_train), generator=gen)
+
+    def step(self, perm: torch.Tensor) -> dict[str, float]:
+        cfg, i = self.cfg, self.pos["step"]
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(cfg, self.global_step, self.pos["total_steps"], self.pos["warm_from"])
+        batch = self.x_train[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(self.device)
+        loss = -self.model.log_prob(batch).mean() / cfg.model.dim  # nats per feature
+        self.opt.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):  # never reaches the weights
+            self.pos["skipped"] += 1
+            return {"nll_per_dim": float(loss.detach())}
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.pos["loss_sum"] += float(loss.detach())
+        self.pos["loss_n"] += 1
+        return {"nll_per_dim": float(loss.detach())}
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        """Log this epoch's train (mean step loss), validation and test NLL and keep the best epoch's weights.
+        Epoch 0 is the untrained flow: its couplings start as the identity, so after a whitening layer it is
+        exactly the Ledoit-Wolf Gaussian, and the flow is exported only where it beats it on held-out vectors."""
+        self.model.eval()
+        n = self.pos["loss_n"]
+        train = self.pos["loss_sum"] / n if n else (self.nll(self.x_train) if epoch == 0 else math.nan)
+        point = {"epoch": epoch, "train_nll_per_dim": round(train, 5),
+                 "test_nll_per_dim": round(self.nll(self.x_test), 5)}
+        if len(self.x_val):
+            point["validation_nll_per_dim"] = round(self.nll(self.x_val), 5)
+        self.curve.append(point)
+        self.log(event="epoch", **point)
+        self.pos["loss_sum"], self.pos["loss_n"] = 0.0, 0
+        # without a validation set the last epoch is the model
+        score = point["validation_nll_per_dim"] if len(self.x_val) else -math.inf
+        if not self.best or not len(self.x_val) or score < self.best["val"]:
+            self.best = {"epoch": epoch, "val": score if len(self.x_val) else math.inf,
+                         "state": copy.deepcopy(self.model.state_dict())}
+        self.model.train()
+        return point
+
+    def end_epoch(self, epoch: int) -> tuple[dict[str, Any], str, str | None]:
+        point = self.evaluate(epoch)
+        patience = self.cfg.patience
+        stop = "patience" if patience and len(self.x_val) and epoch - self.best["epoch"] >= patience else None
+        return point, "epoch " + ", ".join(f"{k} {v}" for k, v in point.items() if k != "epoch") + f" ({epoch})", stop
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"curve": [dict(p) for p in self.curve], "best": dict(self.best)}
+
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        self.curve = [dict(p) for p in state.get("curve", [])]
+        self.best = dict(state.get("best", {}))
+
+
 @float32_work
 def train_vectors(
     cfg: TrainConfig,
@@ -217,39 +308,42 @@ def train_vectors(
     max_minutes: float | None = None,
     max_steps: int | None = None,
     device: str = "cpu",
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Train a vector flow on ``cfg.dataset``'s features or rows (minutes on a CPU) and export it.
+    """Train (or resume) a vector flow on ``cfg.dataset``'s features or rows and export it, in the training loop
+    of the pixel flows (:func:`flowcore.training.train.run_epochs`: the same run folder, lock, state saves,
+    ``resume``, ``max_minutes`` and ``max_steps``).
 
     With ``validation_fraction`` a seeded share of the training vectors is held out: every epoch logs the train,
     validation and test log-likelihoods, the exported weights are the best epoch's on validation, and
     ``patience`` epochs without a better one end the run. ``max_minutes`` (else the config's; CPU minutes of
-    this process) and ``max_steps`` end it too, and the best epoch so far is exported (a run this short is
-    re-run, not resumed). A flow on image features also stores a bank of its training features for the
+    this process, resumes included) ends it too, and the best epoch so far is exported; ``max_steps`` stops it
+    without exporting (resume it). A flow on image features also stores a bank of its training features for the
     ``embedding_knn`` baseline (:data:`KNN`)."""
-    from ..training.distributed import resolve_device
+    from ..training import distributed as dist
 
     if not cfg.features:
         raise ValueError("train_vectors needs a config with features")
-    device = resolve_device(device)
+    if dist.world_size() > 1:
+        raise ValueError("a flow on vectors trains in one process: run it without torchrun")
+    device = dist.resolve_device(device)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = lock_run_folder(run_dir)  # held until this call ends: a second run in this folder is refused
     try:
+        check_fresh_log(run_dir, resume, replace)
         with torch_threads(cfg.threads):
-            return _train_vectors(cfg, run_dir, out, data_dir, progress, max_minutes, max_steps, device)
+            return _train_vectors(cfg, run_dir, out, data_dir, progress, max_minutes, max_steps, device, resume)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def _train_vectors(cfg: TrainConfig, run_dir: Path, out: Path, data_dir: str | None, progress: bool,
-                   max_minutes: float | None, max_steps: int | None, device: str) -> dict[str, Any]:
+                   max_minutes: float | None, max_steps: int | None, device: str, resume: bool) -> dict[str, Any]:
     """The body of :func:`train_vectors`, in a run folder this process holds."""
-    import copy
-
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
-    log = RunLog(run_dir / "log.jsonl")
-    log(event="start", config=cfg.to_dict(), torch=torch.__version__)
     kind = cfg.features
     x_all = torch.from_numpy(dataset_vectors(kind, cfg.dataset, "train", data_dir, cfg.train_subset, progress))
     x_test = torch.from_numpy(dataset_vectors(kind, cfg.dataset, "test", data_dir, cfg.test_subset, progress))
@@ -265,72 +359,29 @@ def _train_vectors(cfg: TrainConfig, run_dir: Path, out: Path, data_dir: str | N
     model = build(cfg.model)
     shrinkage = model.standardize.fit(x_train)
     model.to(device)
-    opt = optimizer_for(cfg, model.parameters())
-    steps_per_epoch = max(1, len(x_train) // cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    dim = cfg.model.dim
-
-    def nll(x: torch.Tensor) -> float:
-        return float(-np.mean(log_likelihood(model, x.numpy(), device=device)) / dim)
-
-    start, skipped, step, stopped_by = time.process_time(), 0, 0, "epochs"
-    # epoch 0: the untrained flow. Its couplings start as the identity, so after a whitening layer this is exactly
-    # the Ledoit-Wolf Gaussian: the flow is exported only where it beats the Gaussian on held-out vectors
+    run = _VectorRun(
+        cfg=cfg, model=model, opt=optimizer_for(cfg, model.parameters()), log=RunLog(run_dir / "log.jsonl"),
+        state_path=run_dir / "state.pt", device=device, x_train=x_train, x_val=x_val, x_test=x_test,
+        pos={"epoch": 0, "step": 0, "elapsed": 0.0, "skipped": 0, "total_steps": 0, "warm_from": 0,
+             "loss_sum": 0.0, "loss_n": 0},
+    )
+    run.pos["total_steps"] = run.steps_per_epoch * cfg.epochs
+    restore_or_begin(run, resume)
+    check_budget(run, budget, run_dir)
+    run.start_clock()
+    if not run.curve:  # a new run: epoch 0, the Gaussian the flow starts as
+        run.evaluate(0)
+    run.model.train()
+    stopped_by = run_epochs(run, budget, max_steps, progress)
+    if stopped_by == "max_steps":
+        return {"stopped_by": "max_steps", **run.pos}
+    if stopped_by == "max_minutes" and run.pos["step"]:  # the part-epoch's weights are a candidate too
+        run.evaluate(run.pos["epoch"] + 1)
+    run.save_state()
+    model.load_state_dict(run.best["state"])
     model.eval()
-    point = {"epoch": 0, "train_nll_per_dim": round(nll(x_train), 5), "test_nll_per_dim": round(nll(x_test), 5)}
-    if n_val:
-        point["validation_nll_per_dim"] = round(nll(x_val), 5)
-    curve: list[dict[str, float]] = [point]
-    log(event="epoch", **point)
-    best: dict[str, Any] = {"epoch": 0, "state": copy.deepcopy(model.state_dict()),
-                            "val": point.get("validation_nll_per_dim", math.inf)}
-    for epoch in range(cfg.epochs):
-        perm = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch))
-        model.train()
-        losses = []
-        for i in range(steps_per_epoch):
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, step, total)
-            batch = x_train[perm[i * cfg.batch_size : (i + 1) * cfg.batch_size]].to(device)
-            loss = -model.log_prob(batch).mean() / dim  # nats per feature
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            if not torch.isfinite(loss):
-                skipped += 1
-                continue
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            losses.append(float(loss.detach()))
-            if (step - 1) % cfg.log_every == 0:
-                log(event="train", step=step - 1, nll_per_dim=round(losses[-1], 5), lr=opt.param_groups[0]["lr"])
-            if max_steps is not None and step >= max_steps:
-                stopped_by = "max_steps"
-                break
-            if budget is not None and time.process_time() - start > 60 * budget:
-                stopped_by = "max_minutes"
-                break
-        model.eval()
-        point = {"epoch": epoch + 1, "train_nll_per_dim": round(float(np.mean(losses)), 5) if losses else math.nan,
-                 "test_nll_per_dim": round(nll(x_test), 5)}
-        if n_val:
-            point["validation_nll_per_dim"] = round(nll(x_val), 5)
-        curve.append(point)
-        log(event="epoch", **point)
-        if progress:
-            print("epoch " + ", ".join(f"{k} {v}" for k, v in point.items() if k != "epoch") + f" ({epoch + 1})")
-        score = point.get("validation_nll_per_dim", point["test_nll_per_dim"]) if n_val else -math.inf
-        if not n_val or score < best["val"]:  # without a validation set the last epoch is the model
-            best = {"epoch": epoch + 1, "state": copy.deepcopy(model.state_dict()), "val": score}
-        elif cfg.patience and epoch + 1 - best["epoch"] >= cfg.patience:
-            stopped_by = "patience"
-        if stopped_by != "epochs":
-            break
-    model.load_state_dict(best["state"])
-    model.eval()
-    test_nll = nll(x_test)
-    minutes = (time.process_time() - start) / 60
+    test_nll = run.nll(x_test)
+    curve, steps = run.curve, run.global_step
     training = {
         "dataset": cfg.dataset,
         "features": cfg.features,
@@ -339,12 +390,12 @@ def _train_vectors(cfg: TrainConfig, run_dir: Path, out: Path, data_dir: str | N
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "epochs_completed": len(curve) - 1,
-        "images_seen": step * cfg.batch_size,
-        "cpu_minutes": round(minutes, 1),  # process CPU time of the flow's training (features cached apart)
-        "clock": "process",
+        "images_seen": steps * cfg.batch_size,
+        "cpu_minutes": round(run.pos["elapsed"] / 60, 1),  # the flow's training (features cached apart)
+        "clock": "process" if run.clock is time.process_time else "wall",
         "threads": torch.get_num_threads(),
         "stopped_by": stopped_by,
-        "skipped_steps": skipped,
+        "skipped_steps": run.pos["skipped"],
         "torch": torch.__version__,
         "device": device,
         "world_size": 1,
@@ -352,7 +403,7 @@ def _train_vectors(cfg: TrainConfig, run_dir: Path, out: Path, data_dir: str | N
     }
     if n_val:
         training["validation"] = {"fraction": cfg.validation_fraction, "vectors": n_val,
-                                  "selected_epoch": best["epoch"], "patience": cfg.patience}
+                                  "selected_epoch": run.best["epoch"], "patience": cfg.patience}
     if cfg.model.whiten:
         training["ledoit_wolf_shrinkage"] = round(float(shrinkage), 6)
     bank, knn = knn_bank(x_train.numpy(), cfg.seed) if kind != TABULAR else (None, None)
@@ -364,9 +415,9 @@ def _train_vectors(cfg: TrainConfig, run_dir: Path, out: Path, data_dir: str | N
              **({"knn": knn} if knn else {}))
         if knn:
             write_knn_bank(stage, bank)
-    log(event="export", path=str(out), test_nll_per_dim=test_nll, selected_epoch=best["epoch"])
+    run.log(event="export", path=str(out), test_nll_per_dim=test_nll, selected_epoch=run.best["epoch"])
     return {"stopped_by": stopped_by, "test_nll_per_dim": test_nll, "export": str(out), "epoch": len(curve) - 1,
-            "selected_epoch": best["epoch"]}
+            "selected_epoch": run.best["epoch"]}
 
 
 def evaluate_vectors(

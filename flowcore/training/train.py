@@ -8,6 +8,10 @@ A run lives in a run folder (``runs/NAME`` by default)::
     checkpoint/   the final model, exported when the run ends (``export_dir`` puts it elsewhere; an existing
                   checkpoint is replaced only with ``replace=True``, and its reference statistics go with it)
 
+One loop, :func:`run_epochs`, trains every kind of run: a pixel flow here, a flow on features or table rows in
+:mod:`flowcore.ood.vectors` (its data, step, per-epoch validation and export are its own; the folder, saves,
+resume and stops are the loop's).
+
 Determinism: the epoch's shuffle is seeded by ``(seed, epoch)`` and each step's dequantization noise
 by ``(seed, global step)``, so a run killed and resumed ends with the same weights as an
 uninterrupted one.
@@ -56,7 +60,8 @@ from . import distributed as dist
 
 TABULAR = "tabular"  # TrainConfig.features of a flow on the rows of a tabular set
 
-__all__ = ["TABULAR", "TrainConfig", "NegativeConfig", "load_train_config", "negative_term", "train"]
+__all__ = ["TABULAR", "TrainConfig", "NegativeConfig", "load_train_config", "negative_term", "train", "RunBase",
+           "run_epochs"]
 
 
 @dataclass
@@ -378,9 +383,9 @@ def lock_run_folder(run_dir: str | os.PathLike) -> IO[str] | None:
     return f
 
 
-def _check_fresh_log(run_dir: Path, resume: bool, replace: bool) -> None:
+def check_fresh_log(run_dir: Path, resume: bool, replace: bool) -> None:
     """A fresh run (no --resume) into a folder that holds another run's log.jsonl (and no state.pt, which
-    :func:`_restore_or_begin` refuses by itself) would append its events to that log: one file, two runs. Refused,
+    :func:`restore_or_begin` refuses by itself) would append its events to that log: one file, two runs. Refused,
     unless ``replace`` (the old log is replaced)."""
     log = run_dir / "log.jsonl"
     if resume or not log.is_file() or (run_dir / "state.pt").is_file():
@@ -391,9 +396,13 @@ def _check_fresh_log(run_dir: Path, resume: bool, replace: bool) -> None:
     log.unlink()
 
 
-@dataclass
-class _Run:
-    """One run's moving parts, shared by the step, the evaluation, the saves and the export."""
+@dataclass(kw_only=True)
+class RunBase:
+    """What every run (pixels or vectors) shares with :func:`run_epochs`, the one training loop: its config,
+    model, optimizer, log, saved position and clock. A kind of run adds its data and four methods:
+    ``permutation()`` (this epoch's seeded order), ``step(perm)`` (one optimisation step; the values it returns are
+    logged, the first one shown on the progress bar), ``end_epoch(epoch)`` (evaluate, log, and say whether to stop
+    early) and ``steps_per_epoch``; ``extra_state()`` / ``restore_extra(state)`` carry what else a resume needs."""
 
     cfg: TrainConfig
     model: torch.nn.Module
@@ -401,16 +410,9 @@ class _Run:
     log: RunLog
     state_path: Path
     device: str
-    x_train: Tensor
-    x_test: Tensor
-    x_neg: Tensor | None
     pos: dict[str, Any]
     world: int = 1
     main: bool = True
-    local: slice = field(default_factory=lambda: slice(None))
-    # what a step differentiates instead of model.log_prob: the DistributedDataParallel wrapper under torchrun,
-    # or the compiled log_prob
-    objective: Any = None
     # the budget and the reported minutes are this process's CPU time on a CPU (two runs sharing two cores, or a
     # busy machine, get the same compute for the same budget), wall time on an accelerator
     clock: Any = time.process_time
@@ -418,12 +420,8 @@ class _Run:
     t0: float = 0.0
 
     @property
-    def dims(self) -> int:
-        return int(np.prod(self.cfg.model.image_shape))
-
-    @property
     def steps_per_epoch(self) -> int:
-        return len(self.x_train) // self.cfg.batch_size
+        raise NotImplementedError
 
     @property
     def global_step(self) -> int:
@@ -436,12 +434,53 @@ class _Run:
         self.clock = time.process_time if torch.device(self.device).type == "cpu" else time.time
         self.start_elapsed, self.t0 = self.pos["elapsed"], self.clock()
 
+    def extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def restore_extra(self, state: dict[str, Any]) -> None:
+        pass
+
     def save_state(self) -> None:
         self.pos["elapsed"] = self.elapsed()
         if self.main:  # parameters agree on every rank; of per-rank BatchNorm running statistics, rank 0's are kept
-            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "position": dict(self.pos)}
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "position": dict(self.pos),
+                     **self.extra_state()}
             _atomic_torch_save(state, self.state_path)
         self.log(event="save", **self.pos)
+
+
+@dataclass(kw_only=True)
+class _Run(RunBase):
+    """A pixel flow's run: uint8 images, dequantized per step, with optional negative training and torchrun."""
+
+    x_train: Tensor
+    x_test: Tensor
+    x_neg: Tensor | None
+    local: slice = field(default_factory=lambda: slice(None))
+    # what a step differentiates instead of model.log_prob: the DistributedDataParallel wrapper under torchrun,
+    # or the compiled log_prob
+    objective: Any = None
+
+    @property
+    def dims(self) -> int:
+        return int(np.prod(self.cfg.model.image_shape))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.x_train) // self.cfg.batch_size
+
+    def permutation(self) -> Tensor:
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1000 + self.pos["epoch"])
+        return torch.randperm(len(self.x_train), generator=gen)
+
+    def step(self, perm: Tensor) -> dict[str, float]:
+        result = _step(self, perm)
+        return {"bpd": result.bpd, **({"neg_bpd": result.neg_bpd} if result.neg_bpd is not None else {})}
+
+    def end_epoch(self, epoch: int) -> tuple[dict[str, Any], str, str | None]:
+        bpd = self.test_bpd()
+        self.log(event="epoch", epoch=epoch, test_bpd=round(bpd, 5), elapsed=round(self.elapsed(), 1))
+        return {"epoch": epoch, "test_bpd": bpd, "elapsed": self.elapsed()}, f"epoch {epoch}: test bpd {bpd:.4f}", None
 
     def test_bpd(self) -> float:
         """Mean test bits/dim in float32 (every rank computes a share under torchrun), then back to training mode."""
@@ -507,7 +546,7 @@ def _start(cfg: TrainConfig, run_dir: Path, resume: bool, data_dir: str | None, 
         world=world, main=rank == 0, local=slice(rank * share, (rank + 1) * share),
     )
     run.pos["total_steps"] = run.steps_per_epoch * cfg.epochs
-    _restore_or_begin(run, resume)
+    restore_or_begin(run, resume)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -533,7 +572,7 @@ def _first_line(e: BaseException) -> str:
     return (lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0] if lines else type(e).__name__)[:160]
 
 
-def _restore_or_begin(run: _Run, resume: bool) -> None:
+def restore_or_begin(run: RunBase, resume: bool) -> None:
     """Load the saved state (a resume, possibly with more epochs: the schedule warms up again from there), or
     log the start of a new run (and load ``init_from``'s weights)."""
     total_steps = run.pos["total_steps"]
@@ -547,6 +586,7 @@ def _restore_or_begin(run: _Run, resume: bool) -> None:
                              f"({_first_line(e)}): restore the config, or start a new run in another folder") from None
         saved = st["position"]
         run.pos = {k: saved.get(k, v) for k, v in run.pos.items()}
+        run.restore_extra(st)
         run.log(event="resume", **run.pos)
         if saved.get("total_steps") != total_steps:  # more (or fewer) epochs than saved: warm up again from here
             run.pos["total_steps"] = total_steps
@@ -637,7 +677,7 @@ def _step(run: _Run, perm: Tensor) -> _StepResult:
     return _StepResult(ok, bpd, loss_value, neg_bpd)
 
 
-def _check_budget(run: _Run, budget: float | None, run_dir: Path) -> None:
+def check_budget(run: RunBase, budget: float | None, run_dir: Path) -> None:
     """A resumed run that has already spent its budget is refused: ``max_minutes`` counts the whole run, resumes
     included, so without this check a resume would train one step and stop."""
     spent = run.pos["elapsed"]
@@ -682,6 +722,60 @@ def _export(run: _Run, out: Path, stopped_by: str, bpd: float) -> None:
                  metrics={"test_bpd_subset": round(bpd, 5), "test_subset": len(run.x_test)})
 
 
+def run_epochs(run: RunBase, budget: float | None, max_steps: int | None, progress: bool,
+               after_epoch: Callable[[dict[str, Any]], None] | None = None) -> str:
+    """The one training loop, for pixel flows and flows on vectors alike: epochs of seeded steps from the run's
+    saved position, a log line every ``log_every`` steps, a state save every ``save_every_minutes`` and after
+    each epoch, and the stops every flag asks for. Returns why it stopped: "epochs" (all done), "max_minutes"
+    (``budget``, minutes of the run's clock, resumes included), the run's own early stop (e.g. "patience"), or
+    "max_steps" (this call's steps; the state is saved and nothing is exported, as if the process were killed)."""
+    from tqdm.auto import tqdm
+
+    cfg, pos = run.cfg, run.pos
+    last_save, stopped_by, steps_this_call = time.time(), "epochs", 0
+    bar = tqdm(total=pos["total_steps"], initial=run.global_step, disable=not progress or not run.main, unit="step",
+               dynamic_ncols=True)
+    try:
+        while pos["epoch"] < cfg.epochs and stopped_by == "epochs":
+            perm = run.permutation()
+            while pos["step"] < run.steps_per_epoch:
+                global_step = run.global_step
+                values = list(run.step(perm).items())
+                pos["step"] += 1
+                steps_this_call += 1
+                bar.update(1)
+                (shown, value), rest = values[0], values[1:]
+                if global_step % 10 == 0 and run.main:
+                    bar.set_postfix({shown: f"{value:.3f}", "ep": pos["epoch"]})
+                if global_step % cfg.log_every == 0:
+                    run.log(event="train", step=global_step, **{shown: round(value, 5)},
+                            lr=run.opt.param_groups[0]["lr"], **{k: round(v, 5) for k, v in rest})
+                if run.main and time.time() - last_save > 60 * cfg.save_every_minutes:  # rank 0 alone: no collective
+                    run.save_state()
+                    last_save = time.time()
+                if max_steps is not None and steps_this_call >= max_steps:
+                    run.save_state()
+                    return "max_steps"
+                over_budget = budget is not None and run.elapsed() > 60 * budget
+                if dist.broadcast_flag(over_budget) if run.world > 1 and budget is not None else over_budget:
+                    stopped_by = "max_minutes"
+                    break
+            if stopped_by == "epochs":
+                pos["epoch"] += 1
+                pos["step"] = 0
+                record, line, early = run.end_epoch(pos["epoch"])
+                if run.main:
+                    bar.write(line)
+                if after_epoch is not None:
+                    after_epoch(record)
+                run.save_state()
+                last_save = time.time()
+                stopped_by = early or stopped_by
+    finally:
+        bar.close()
+    return stopped_by
+
+
 @dist.float32_work
 def train(
     cfg: TrainConfig,
@@ -719,7 +813,7 @@ def train(
     lock = lock_run_folder(run_dir) if dist.is_main() else None
     try:
         if dist.is_main():
-            _check_fresh_log(run_dir, resume, replace)
+            check_fresh_log(run_dir, resume, replace)
         if on_epoch is not None and dist.world_size() > 1:
             raise ValueError("on_epoch is for single-process runs")
         with dist.torch_threads(cfg.threads):
@@ -734,57 +828,20 @@ def _train(cfg: TrainConfig, run_dir: Path, out: Path, resume: bool, data_dir: s
            on_epoch: Callable[[dict[str, Any], Callable[[np.ndarray], np.ndarray]], None] | None = None,
            ) -> dict[str, Any]:
     """The body of :func:`train`, in a run folder this process holds."""
-    from tqdm.auto import tqdm
-
     run = _start(cfg, run_dir, resume, data_dir, device)
-    pos, total_steps = run.pos, run.pos["total_steps"]
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
-    _check_budget(run, budget, run_dir)
+    check_budget(run, budget, run_dir)
     run.start_clock()
-    last_save, stopped_by, steps_this_call = time.time(), "epochs", 0
     _train_mode(run.model, cfg)
-    bar = tqdm(total=total_steps, initial=run.global_step, disable=not progress or not run.main, unit="step",
-               dynamic_ncols=True)
-    while pos["epoch"] < cfg.epochs and stopped_by == "epochs":
-        perm = torch.randperm(len(run.x_train), generator=torch.Generator().manual_seed(cfg.seed * 1000 + pos["epoch"]))
-        while pos["step"] < run.steps_per_epoch:
-            global_step = run.global_step
-            result = _step(run, perm)
-            pos["step"] += 1
-            steps_this_call += 1
-            bar.update(1)
-            if global_step % 10 == 0 and run.main:
-                bar.set_postfix(bpd=f"{result.bpd:.3f}", ep=pos["epoch"])
-            if global_step % cfg.log_every == 0:
-                event = {"step": global_step, "bpd": round(result.bpd, 5), "lr": run.opt.param_groups[0]["lr"]}
-                if result.neg_bpd is not None:
-                    event["neg_bpd"] = round(result.neg_bpd, 5)
-                run.log(event="train", **event)
-            if run.main and time.time() - last_save > 60 * cfg.save_every_minutes:  # rank 0 alone: no collective
-                run.save_state()
-                last_save = time.time()
-            if max_steps is not None and steps_this_call >= max_steps:
-                run.save_state()
-                bar.close()
-                dist.barrier()
-                return {"stopped_by": "max_steps", **pos}
-            over_budget = budget is not None and run.elapsed() > 60 * budget
-            if dist.broadcast_flag(over_budget) if run.world > 1 and budget is not None else over_budget:
-                stopped_by = "max_minutes"
-                break
-        if stopped_by == "epochs":
-            pos["epoch"] += 1
-            pos["step"] = 0
-            bpd = run.test_bpd()
-            run.log(event="epoch", epoch=pos["epoch"], test_bpd=round(bpd, 5), elapsed=round(run.elapsed(), 1))
-            if run.main:
-                bar.write(f"epoch {pos['epoch']}: test bpd {bpd:.4f}")
-            if on_epoch is not None:
-                on_epoch({"epoch": pos["epoch"], "epochs": cfg.epochs, "test_bpd": bpd, "elapsed": run.elapsed(),
-                          "budget_minutes": budget}, run.log_likelihoods)
-            run.save_state()
-            last_save = time.time()
-    bar.close()
+    after = None
+    if on_epoch is not None:
+        def after(record: dict[str, Any]) -> None:
+            on_epoch({**record, "epochs": cfg.epochs, "budget_minutes": budget}, run.log_likelihoods)
+
+    stopped_by = run_epochs(run, budget, max_steps, progress, after)
+    if stopped_by == "max_steps":
+        dist.barrier()
+        return {"stopped_by": "max_steps", **run.pos}
     run.save_state()
     bpd = run.test_bpd()
     run.model.eval()
@@ -792,4 +849,4 @@ def _train(cfg: TrainConfig, run_dir: Path, out: Path, resume: bool, data_dir: s
     _export(run, out, stopped_by, bpd)
     dist.barrier()
     run.log(event="export", path=str(out), test_bpd=bpd)
-    return {"stopped_by": stopped_by, "test_bpd": bpd, "export": str(out), **pos}
+    return {"stopped_by": stopped_by, "test_bpd": bpd, "export": str(out), **run.pos}
