@@ -278,8 +278,7 @@ class _VectorRun(RunBase):
         # without a validation set the last epoch is the model
         score = point["validation_nll_per_dim"] if len(self.x_val) else -math.inf
         if not self.best or not len(self.x_val) or score < self.best["val"]:
-            self.best = {"epoch": epoch, "val": score if len(self.x_val) else math.inf,
-                         "state": copy.deepcopy(self.model.state_dict())}
+            self.best = {"epoch": epoch, "val": score, "state": copy.deepcopy(self.model.state_dict())}
         self.model.train()
         return point
 
