@@ -170,6 +170,38 @@ def test_the_default_pick_prefers_failing_like_the_paper_then_nearness(tmp_path,
     assert results.default_choice(names)[0] == "fashion_glow"
 
 
+def test_table1_says_which_cells_the_bf16_models_moved_toward_the_paper(tmp_path, monkeypatch):
+    """Each cell read from a bf16-trained model sits beside the float32 model it read before, with the move
+    measured against the paper's value; families without a bf16 model are named as still float32."""
+    monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(tmp_path))
+
+    def fake(name, arch, bpd, aurocs, precision=None):
+        (tmp_path / name).mkdir()
+        training = {"precision": precision} if precision else {}  # older cards carry no precision: float32
+        cfg = {"name": name, "dataset": "fashion_mnist", "model": {"arch": arch, "image_shape": [1, 28, 28]},
+               "training": training, "reference": {"bpd_mean": bpd, "auroc": {"likelihood": aurocs}}}
+        (tmp_path / name / "config.json").write_text(json.dumps(cfg))
+
+    fake("fashion_glow", "glow", 3.6, {"mnist": 0.060, "notmnist": 0.640})
+    fake("fashion_glow_long", "glow", 3.3, {"mnist": 0.064, "notmnist": 0.800}, precision="fp32")
+    fake("fashion_glow_large", "glow", 2.9, {"mnist": 0.079, "notmnist": 0.700}, precision="bf16")
+    fake("fashion_realnvp", "realnvp", 3.3, {"mnist": 0.06, "notmnist": 0.72})
+    rows, unchanged = results.table1_progress({p.name for p in tmp_path.iterdir()})
+    assert len(rows) == 4
+    mnist, notmnist = rows[2:]
+    # before: the float32 model with the lowest bpd (fashion_glow_long), not the older fashion_glow
+    assert "`fashion_glow_long`, 3.300" in mnist and "`fashion_glow_large`, 2.900" in mnist
+    assert "6.9 -> 5.4" in mnist and mnist.endswith("**toward the paper** |")
+    assert "0.2 -> 10.2" in notmnist and notmnist.endswith("away from the paper |")
+    assert "RealNVP (Fashion-MNIST)" in unchanged and "Glow (Fashion-MNIST)" not in unchanged
+    # a move under one point is no move
+    (tmp_path / "fashion_glow_large" / "config.json").unlink()
+    (tmp_path / "fashion_glow_large").rmdir()
+    fake("fashion_glow_large", "glow", 2.9, {"mnist": 0.070, "notmnist": 0.800}, precision="bf16")
+    rows, _ = results.table1_progress({p.name for p in tmp_path.iterdir()})
+    assert rows[2].endswith("within 1 point |") and rows[3].endswith("within 1 point |")
+
+
 def test_the_report_says_where_a_better_feature_density_is_not_a_better_score(tmp_path, monkeypatch):
     """Under Table 2a the report states, per flow on features, how much better a density it is than the Gaussian
     it starts from (held-out NLL, exported epoch against epoch 0) and on which sets its likelihood still loses to
