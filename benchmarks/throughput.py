@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import flowcore
-from flowcore.flows.precision import set_st_precision
+from flowcore.flows.precision import bf16_is_native, set_st_precision
 from flowcore.training.train import load_train_config
 
 SHIPPED = {
@@ -182,7 +182,8 @@ def main() -> None:
         models = {n: flowcore.build(c) for n, c in SHIPPED.items()}
     peak = matmul_gflops()
     print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}, "
-          f"{args.threads} thread(s), batch {args.batch}")
+          f"{args.threads} thread(s), batch {args.batch}, SIMD {torch.backends.cpu.get_cpu_capability()}, "
+          f"native bfloat16: {'yes' if bf16_is_native('cpu') else 'no (emulated: flowcore train refuses bf16)'}")
     print(f"float32 matmul 1024^3: {peak:.1f} GFLOP/s (reference peak for the ratios below)")
     print(f"{'model':<32}{'params':>10}{'GFLOP/img':>10}{'score img/s':>13}{'score/peak':>11}"
           f"{'train img/s':>13}{'train/peak':>11}")

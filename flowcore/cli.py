@@ -47,7 +47,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
         summary = train_vectors(cfg, args.run_dir, args.data_dir, args.export, args.replace,
                                 progress=not args.no_progress, max_minutes=args.max_minutes,
-                                max_steps=args.max_steps, device=args.device, resume=args.resume)
+                                max_steps=args.max_steps, device=args.device, resume=args.resume,
+                                allow_emulated_bf16=args.allow_emulated_bf16)
     else:
         summary = train(
             cfg,
@@ -60,6 +61,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             device=args.device,
             replace=args.replace,
+            allow_emulated_bf16=args.allow_emulated_bf16,
         )
     if not _is_main():
         return 0
@@ -88,7 +90,9 @@ def _train_on_images(args: argparse.Namespace) -> int:
         raise ValueError("--images needs --name NAME: the name your model gets in your zoo")
     config_only = [flag for flag, value in (("--resume", args.resume), ("--run-dir", args.run_dir),
                                             ("--export", args.export), ("--epochs", args.epochs),
-                                            ("--max-steps", args.max_steps)) if value not in (None, False)]
+                                            ("--max-steps", args.max_steps),
+                                            ("--allow-emulated-bf16", args.allow_emulated_bf16))
+                   if value not in (None, False)]
     if config_only:
         raise ValueError(f"{', '.join(config_only)} only apply with a config file, not with --images")
     if args.device != "cpu":
@@ -387,6 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument("--max-steps", type=int, default=None, help="stop after N steps of this call (state saved)")
     t.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    t.add_argument("--allow-emulated-bf16", action="store_true",
+                   help='train a "precision": "bf16" config even where bfloat16 is emulated (slower than float32)')
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 

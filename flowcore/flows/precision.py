@@ -19,10 +19,35 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["PRECISIONS", "set_st_precision", "st_precision", "st_precision_of"]
+__all__ = ["PRECISIONS", "bf16_is_native", "check_precision_runs_natively", "set_st_precision", "st_precision",
+           "st_precision_of"]
 
 # config value -> autocast dtype of the st-networks (None: no autocast)
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def bf16_is_native(device: str | torch.device = "cpu") -> bool:
+    """Whether ``device`` computes bfloat16 in hardware. A CPU needs what oneDNN's bfloat16 kernels need (AVX-512
+    or AMX); on an AVX2-only CPU bfloat16 is emulated, and a training step with bfloat16 st-nets measured 0.09x
+    the float32 step's speed (``benchmarks/throughput.py --variants`` on such a machine; the README's table).
+    A GPU needs native bfloat16 (compute capability 8.0 or later). Other devices are not checked (True)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if dev.type == "cpu":
+        check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+        return bool(check()) if check is not None else False
+    return True
+
+
+def check_precision_runs_natively(precision: str, device: str | torch.device, allow_emulated: bool = False) -> None:
+    """Refuse ``"bf16"`` st-nets on a device that would emulate bfloat16 (many times slower than float32, not
+    faster), unless ``allow_emulated``: one line that says what to do instead."""
+    if precision == "bf16" and not allow_emulated and not bf16_is_native(device):
+        where = "this CPU has no AVX-512 or AMX" if torch.device(device).type == "cpu" else f"{device} has none"
+        raise ValueError(f'"precision": "bf16" needs native bfloat16 and {where}: it would emulate bfloat16, many '
+                         'times slower than float32 (benchmarks/throughput.py --variants measures it here); set '
+                         '"precision": "fp32" in the config, or pass --allow-emulated-bf16 to train in bfloat16 anyway')
 
 
 def _couplings(model: nn.Module) -> list[nn.Module]:

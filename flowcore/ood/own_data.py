@@ -6,7 +6,8 @@ checkpoint in the per-user zoo that every page and ``flowcore score NAME`` find.
    never inverted); unreadable files are skipped and counted, conversions counted.
 2. A seeded tenth (at least :data:`MIN_TEST` images) is held out as the test set; the rest trains.
 3. The images are stored as an npz under ``$FLOWCORE_CACHE/own_data/NAME/`` and trained on like any dataset
-   (``npz:PATH``), with bfloat16 st-nets; OOD folders become npz test sets the same way.
+   (``npz:PATH``), with bfloat16 st-nets where the CPU has native bfloat16 (else float32); OOD folders become
+   npz test sets the same way.
 4. The checkpoint is exported to ``$FLOWCORE_CACHE/own_models/NAME`` and evaluated on the held-out images and the
    OOD folders, so its reference statistics, AUROC table and card exist at once.
 """
@@ -26,6 +27,7 @@ import numpy as np
 
 from ..data.files import atomic_write
 from ..data.images import ImageError, decode_image, display_path, find_image_files, preprocess
+from ..flows import precision
 from ..training.train import TrainConfig
 from ..zoo.checkpoints import cache_dir, list_checkpoints, own_models_dir, read_config, write_json
 
@@ -40,7 +42,8 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 # quick: a small RealNVP, 4 CPU minutes of training at most: on 600 MNIST digits against 300 Fashion-MNIST
 # images, 127 s from folder to evaluated checkpoint on two idle cores, AUROC 99.8 % (benchmarks/own_data_quick.py);
-# standard: a wider one, 50 CPU minutes at most. Both train the st-nets in bfloat16 (flowcore.flows.precision).
+# standard: a wider one, 50 CPU minutes at most. Both train the st-nets in bfloat16 where the CPU computes it
+# natively, else in float32 (flowcore.flows.precision.bf16_is_native).
 PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"model": {"arch": "realnvp", "scales": 2, "hidden": 32, "blocks": 2}, "epochs": 60,
               "max_minutes": 4.0, "lr": 1e-3, "warmup_steps": 50},
@@ -122,7 +125,9 @@ def own_config(name: str, preset: str, image_shape: tuple[int, int, int], datase
         "optimizer": "adam", "lr": spec["lr"], "lr_schedule": "cosine", "warmup_steps": spec["warmup_steps"],
         "batch_size": min(64, n_train), "epochs": spec["epochs"], "max_minutes": spec["max_minutes"],
         "test_subset": None,
-        "save_every_minutes": 1.0, "seed": 0, "threads": min(2, os.cpu_count() or 1), "precision": "bf16",
+        "save_every_minutes": 1.0, "seed": 0, "threads": min(2, os.cpu_count() or 1),
+        # bfloat16 st-nets where the CPU computes bfloat16 natively (faster), float32 where it would emulate them
+        "precision": "bf16" if precision.bf16_is_native("cpu") else "fp32",
     })
 
 

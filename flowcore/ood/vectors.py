@@ -25,6 +25,7 @@ from ..data import embeddings
 from ..data.datasets import DatasetNotFound, load_images, set_label
 from ..data.files import atomic_write
 from ..flows.models import build
+from ..flows.precision import check_precision_runs_natively
 from ..training.distributed import float32_work, torch_threads
 from ..training.train import (
     TABULAR,
@@ -308,6 +309,7 @@ def train_vectors(
     max_steps: int | None = None,
     device: str = "cpu",
     resume: bool = False,
+    allow_emulated_bf16: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) a vector flow on ``cfg.dataset``'s features or rows and export it, in the training loop
     of the pixel flows (:func:`flowcore.training.train.run_epochs`: the same run folder, lock, state saves,
@@ -326,6 +328,7 @@ def train_vectors(
     if dist.world_size() > 1:
         raise ValueError("a flow on vectors trains in one process: run it without torchrun")
     device = dist.resolve_device(device)
+    check_precision_runs_natively(cfg.precision, device, allow_emulated_bf16)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)

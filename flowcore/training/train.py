@@ -47,7 +47,7 @@ from ..data.files import atomic_write
 from ..flows.config import FlowConfig, check_int, check_number
 from ..flows.likelihood import LOG_256, as_image_tensor, dequantize, log_likelihood_nats, nats_to_bpd
 from ..flows.models import build, log_prob_running_stats
-from ..flows.precision import PRECISIONS, set_st_precision, st_precision
+from ..flows.precision import PRECISIONS, check_precision_runs_natively, set_st_precision, st_precision
 from ..zoo.checkpoints import (
     FOLDER_FILES,
     CheckpointError,
@@ -789,6 +789,7 @@ def train(
     device: str = "cpu",
     replace: bool = False,
     on_epoch: Callable[[dict[str, Any], Callable[[np.ndarray], np.ndarray]], None] | None = None,
+    allow_emulated_bf16: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) a run; export to ``export_dir`` (default ``RUN_DIR/checkpoint``) when finished.
 
@@ -802,10 +803,12 @@ def train(
     is locked for the call (a second run there is refused), and a fresh run never appends to another run's
     log.jsonl (``replace`` replaces it). ``max_steps`` stops early (for tests: simulates a kill) without
     exporting. ``max_minutes`` (else the config's) is a budget of CPU minutes of this process for the whole run,
-    resumes included.
+    resumes included. ``"precision": "bf16"`` is refused where the device would emulate bfloat16 (slower than
+    float32), unless ``allow_emulated_bf16``.
     Returns a summary dict (the same on every rank when run under torchrun).
     """
     device = dist.init(device)
+    check_precision_runs_natively(cfg.precision, device, allow_emulated_bf16)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
