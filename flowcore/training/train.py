@@ -114,9 +114,10 @@ class TrainConfig:
     # CPU (benchmarks/throughput.py --variants) for seconds to a minute of compilation; same loss within float
     # tolerance (tests/test_train.py). Single-process runs without an OOD term only.
     compile: bool = False
-    # "bf16": every st-network runs under bfloat16 autocast in channels_last (1.6-2.1x the training img/s on this
-    # machine's AVX-512 BF16 CPU, benchmarks/throughput.py --variants); everything bijective, the master weights,
-    # the optimizer state and every evaluation stay float32 (flowcore.flows.precision)
+    # "bf16": every st-network runs under bfloat16 autocast in channels_last (1.3-2.1x the training img/s on an
+    # AVX-512 BF16 CPU, 0.09x on an AVX2-only one, where training refuses it: benchmarks/throughput.py --variants);
+    # everything bijective, the master weights, the optimizer state and every evaluation stay float32
+    # (flowcore.flows.precision)
     precision: str = "fp32"
     # flows on vectors: this fraction of the training vectors (a seeded draw) is held out as a validation set; the
     # exported model is the epoch with the best validation log-likelihood, and training stops after ``patience``
