@@ -37,7 +37,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 from flowcore.dashboard import figures, service, state  # noqa: E402
 
 HOME = ROOT / "app" / "Home.py"
-TIMEOUT = 60
+TIMEOUT = 180  # a guard against a hung script, not a speed limit: a slow CPU shared with trainings needs minutes
 TINY = {"arch": "realnvp", "image_shape": [1, 28, 28], "hidden": 4, "blocks": 1, "scales": 2}
 RGB_TINY = {"arch": "realnvp", "image_shape": [3, 32, 32], "hidden": 4, "blocks": 1, "scales": 3}
 

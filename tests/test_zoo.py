@@ -170,9 +170,10 @@ def test_the_default_pick_prefers_failing_like_the_paper_then_nearness(tmp_path,
     assert results.default_choice(names)[0] == "fashion_glow"
 
 
-def test_table1_says_which_cells_the_bf16_models_moved_toward_the_paper(tmp_path, monkeypatch):
-    """Each cell read from a bf16-trained model sits beside the float32 model it read before, with the move
-    measured against the paper's value; families without a bf16 model are named as still float32."""
+def test_table1_says_which_cells_the_grown_models_moved_toward_the_paper(tmp_path, monkeypatch):
+    """Each cell read from a model other than the zoo's first of its kind sits beside that first model, with
+    each one's precision and the move measured against the paper's value; families still on their first model
+    are named."""
     monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(tmp_path))
 
     def fake(name, arch, bpd, aurocs, precision=None):
@@ -182,18 +183,19 @@ def test_table1_says_which_cells_the_bf16_models_moved_toward_the_paper(tmp_path
                "training": training, "reference": {"bpd_mean": bpd, "auroc": {"likelihood": aurocs}}}
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
 
-    fake("fashion_glow", "glow", 3.6, {"mnist": 0.060, "notmnist": 0.640})
-    fake("fashion_glow_long", "glow", 3.3, {"mnist": 0.064, "notmnist": 0.800}, precision="fp32")
+    fake("fashion_glow", "glow", 3.6, {"mnist": 0.064, "notmnist": 0.800})
+    fake("fashion_glow_long", "glow", 3.3, {"mnist": 0.060, "notmnist": 0.640}, precision="fp32")
     fake("fashion_glow_large", "glow", 2.9, {"mnist": 0.079, "notmnist": 0.700}, precision="bf16")
     fake("fashion_realnvp", "realnvp", 3.3, {"mnist": 0.06, "notmnist": 0.72})
     rows, unchanged = results.table1_progress({p.name for p in tmp_path.iterdir()})
     assert len(rows) == 4
     mnist, notmnist = rows[2:]
-    # before: the float32 model with the lowest bpd (fashion_glow_long), not the older fashion_glow
-    assert "`fashion_glow_long`, 3.300" in mnist and "`fashion_glow_large`, 2.900" in mnist
+    # the first model (fashion_glow) beside the one the cell reads now (lowest bpd), each with its precision
+    assert "(`fashion_glow`, 3.600, fp32)" in mnist and "(`fashion_glow_large`, 2.900, bf16)" in mnist
     assert "6.9 -> 5.4" in mnist and mnist.endswith("**toward the paper** |")
     assert "0.2 -> 10.2" in notmnist and notmnist.endswith("away from the paper |")
-    assert "RealNVP (Fashion-MNIST)" in unchanged and "Glow (Fashion-MNIST)" not in unchanged
+    assert unchanged == ["RealNVP (Fashion-MNIST)"] + [f"{a} ({d})" for d in ("MNIST", "CIFAR-10", "CelebA")
+                                                       for a in ("RealNVP", "Glow")]
     # a move under one point is no move
     (tmp_path / "fashion_glow_large" / "config.json").unlink()
     (tmp_path / "fashion_glow_large").rmdir()

@@ -138,25 +138,20 @@ def is_plain_pixel_flow(cfg: dict[str, Any]) -> bool:
     return not (variant or t.get("pixel_noise_mu") or (t.get("init_from") and not is_continuation(cfg)))
 
 
-def plain_pixel_flows_by_bpd(configs: dict[str, dict[str, Any]], dataset: str) -> dict[str, list[str]]:
-    """Architecture -> the evaluated plain pixel flows (``is_plain_pixel_flow``) trained on ``dataset``, lowest
-    mean test bits/dim first (ties by name), among ``configs`` (name -> checkpoint config)."""
-    ranked: dict[str, list[tuple[float, str]]] = {}
+def best_plain_pixel_flows(configs: dict[str, dict[str, Any]], dataset: str) -> dict[str, str]:
+    """Architecture -> the evaluated plain pixel flow (``is_plain_pixel_flow``) trained on ``dataset`` with the
+    lowest mean test bits/dim, among ``configs`` (name -> checkpoint config; the first name wins a tie): the
+    model a Table 1 cell reads and the pixel flow the features page sets beside a flow on features."""
+    best: dict[str, tuple[float, str]] = {}
     for name in sorted(configs):
         cfg = configs[name]
         bpd = (cfg.get("reference") or {}).get("bpd_mean")
         arch = (cfg.get("model") or {}).get("arch")
         if bpd is None or cfg.get("dataset") != dataset or not is_plain_pixel_flow(cfg):
             continue
-        ranked.setdefault(arch, []).append((bpd, name))
-    return {arch: [name for _, name in sorted(rows)] for arch, rows in ranked.items()}
-
-
-def best_plain_pixel_flows(configs: dict[str, dict[str, Any]], dataset: str) -> dict[str, str]:
-    """Architecture -> the evaluated plain pixel flow trained on ``dataset`` with the lowest mean test bits/dim
-    (the first name wins a tie): the model a Table 1 cell reads and the pixel flow the features page sets beside
-    a flow on features."""
-    return {arch: names[0] for arch, names in plain_pixel_flows_by_bpd(configs, dataset).items()}
+        if arch not in best or bpd < best[arch][0]:
+            best[arch] = (bpd, name)
+    return {arch: name for arch, (_, name) in best.items()}
 
 
 def paired_feature_flow(name: str) -> str | None:
