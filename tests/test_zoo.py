@@ -50,7 +50,12 @@ def test_stored_statistics_are_reproduced_image_by_image(name):
     """Each shipped checkpoint's stored per-image log-likelihoods are what the model computes now, image by image:
     on the first test images of the full set when FLOWCORE_DATA_DIR is set, else on the bundled examples (the same
     first images), so this runs on a fresh install too. Batches round float32 sums differently (<= 2e-3 nats
-    seen); a changed convention (255 vs 256 moves every image by D log(256/255), ~3 nats at 28x28) fails."""
+    seen), and so does another CPU's SIMD: an AVX2 CPU against the AVX-512 one the references were computed on
+    moved no image of a plain flow by more than 2e-3 nats, but moved images of the negative-trained flows (eq. 7
+    drives their scales far apart, so rounding is amplified) by up to 0.36 nats (6.9e-5 of the value) while their
+    median image moved <= 6e-3. So every image must agree within 0.01 nats, or for a negative-trained flow within
+    0.01 + 1e-4 of its value with the median image within 0.01; a changed convention (255 vs 256 moves every image
+    by D log(256/255), ~3 nats at 28x28) fails either way."""
     cfg = read_config(name)
     ref = load_reference(name)
     if "test__likelihood" not in ref:
@@ -80,9 +85,14 @@ def test_stored_statistics_are_reproduced_image_by_image(name):
     x = match_shape(_first_test_images(cfg["dataset"], 64), model.config.image_shape)
     r = cfg["reference"]
     ll = flowcore.log_likelihood_nats(model, x, n_draws=r["n_draws"], seed=r["seed"])
-    np.testing.assert_allclose(ll, ref["test__likelihood"][:len(x)], rtol=0, atol=0.01)
-    # and the stored summary is the mean over the stored per-image values
+    stored = ref["test__likelihood"][:len(x)]
+    if (cfg.get("training") or {}).get("negative"):
+        assert np.median(np.abs(ll - stored)) <= 0.01
+        np.testing.assert_allclose(ll, stored, rtol=1e-4, atol=0.01)
+    else:
+        np.testing.assert_allclose(ll, stored, rtol=0, atol=0.01)
     dims = int(np.prod(model.config.image_shape))
+    # and the stored summary is the mean over the stored per-image values
     assert r["bpd_mean"] == pytest.approx(np.mean(-ref["test__likelihood"] / (dims * np.log(2))), abs=1e-4)
 
 
