@@ -71,16 +71,21 @@ def _total_minutes(t: dict) -> float | str:
     return "?" if above == "?" else round(own + above, 1)
 
 
-def table1_model(arch: str, dataset: str, shipped: set[str]) -> str:
-    """The checkpoint a Table 1 cell reads: the evaluated plain model of that architecture and data with the lowest
-    test bpd (a continuation counts), else the zoo's name for it."""
+def _readable_configs(shipped: set[str]) -> dict[str, dict]:
+    """Name -> config of each checkpoint in ``shipped`` whose config reads (a broken one is left out)."""
     configs = {}
     for name in shipped:
         try:
             configs[name] = read_config(name)
         except CheckpointError:
             continue
-    return best_plain_pixel_flows(configs, dataset).get(arch, f"{PREFIX[dataset]}_{arch}")
+    return configs
+
+
+def table1_model(arch: str, dataset: str, shipped: set[str]) -> str:
+    """The checkpoint a Table 1 cell reads: the evaluated plain model of that architecture and data with the lowest
+    test bpd (a continuation counts), else the zoo's name for it."""
+    return best_plain_pixel_flows(_readable_configs(shipped), dataset).get(arch, f"{PREFIX[dataset]}_{arch}")
 
 
 def _target_dataset(cfg: dict) -> str | None:
@@ -353,6 +358,7 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 # Table 1's checkpoints: the data's short name in our checkpoint names.
+ARCH_LABEL = {"realnvp": "RealNVP", "glow": "Glow"}
 PREFIX = {"fashion_mnist": "fashion", "mnist": "mnist", "cifar10": "cifar10", "celeba32": "celeba"}
 LABEL = {"fashion_mnist": "Fashion-MNIST", "mnist": "MNIST", "notmnist": "notMNIST", "cifar10": "CIFAR-10",
          "celeba32": "CelebA", "svhn": "SVHN"}
@@ -378,7 +384,7 @@ def table1(shipped: set[str]) -> list[str]:
     for (arch, train), cells in PAPER.items():
         name = table1_model(arch, train, shipped)
         for ood, paper in cells.items():
-            where = f"| {'RealNVP' if arch == 'realnvp' else 'Glow'} | {LABEL[train]} -> {LABEL[ood]} | {paper} |"
+            where = f"| {ARCH_LABEL[arch]} | {LABEL[train]} -> {LABEL[ood]} | {paper} |"
             if ood == "svhn":
                 rows.append(f"{where} – | | no SVHN copy here |")
                 continue
@@ -407,15 +413,10 @@ def table1_progress(shipped: set[str]) -> tuple[list[str], list[str]]:
     rows = ["| model | train -> OOD | paper | first: AUROC (checkpoint, test bpd, precision) "
             "| now: AUROC (checkpoint, test bpd, precision) | distance to the paper, points | moved |",
             "|---|---|---|---|---|---|---|"]
-    configs = {}
-    for name in shipped:
-        try:
-            configs[name] = read_config(name)
-        except CheckpointError:
-            continue
+    configs = _readable_configs(shipped)
     unchanged = []
     for (arch, train), cells in PAPER.items():
-        label = "RealNVP" if arch == "realnvp" else "Glow"
+        label = ARCH_LABEL[arch]
         first, now = f"{PREFIX[train]}_{arch}", table1_model(arch, train, shipped)
         if first == now or first not in configs or now not in configs:
             unchanged.append(f"{label} ({LABEL[train]})")
