@@ -410,15 +410,20 @@ def blob_zip(folder: Path, n: int, noise: bool = False, seed: int = 0) -> Path:
 
 
 def start_own_training(page: Any, url: str, name: str, images: Path, ood: Path | None) -> None:
+    from playwright.sync_api import expect
+
     shots.open_app(page, url.rstrip("/") + "/train_own")
     main = page.locator('[data-testid="stMain"]')
     inputs = main.locator('input[type="file"]')
     chips = main.locator(':is([data-testid="stFileChipName"], [data-testid="stFileUploaderFileName"])')
     inputs.nth(0).set_input_files(str(images))
-    chips.filter(has_text=images.stem).first.wait_for(timeout=TIMEOUT)  # uploaded before the form is sent
+    chips.filter(has_text=images.stem).first.wait_for(timeout=TIMEOUT)
     if ood is not None:
         inputs.nth(1).set_input_files(str(ood))
         chips.filter(has_text=ood.stem).first.wait_for(timeout=TIMEOUT)
+    # The chip appears as soon as a file is chosen; its spinner stays until the server holds the bytes. A form sent
+    # before then carries no files (seen on a loaded CI machine), so wait for every spinner to go.
+    expect(main.locator('[data-testid="stFileChipIconSpinner"]')).to_have_count(0, timeout=TIMEOUT)
     main.get_by_role("textbox", name="Name of your model").fill(name)
     main.get_by_text("grayscale", exact=True).click()
     main.get_by_role("button", name="Start training").click()
