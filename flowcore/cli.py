@@ -45,6 +45,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if cfg.features:  # Sec. 8: a flow on image features (or App. K.3: on table rows), in the same training loop
         from .ood.vectors import train_vectors
 
+        if args.export_paused:
+            raise ValueError("--export-paused is for flows on images; a flow on features exports its best epoch "
+                             "when it stops")
         summary = train_vectors(cfg, args.run_dir, args.data_dir, args.export, args.replace,
                                 progress=not args.no_progress, max_minutes=args.max_minutes,
                                 max_steps=args.max_steps, device=args.device, resume=args.resume,
@@ -62,6 +65,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             device=args.device,
             replace=args.replace,
             allow_emulated_bf16=args.allow_emulated_bf16,
+            export_paused=args.export_paused,
         )
     if not _is_main():
         return 0
@@ -91,7 +95,8 @@ def _train_on_images(args: argparse.Namespace) -> int:
     config_only = [flag for flag, value in (("--resume", args.resume), ("--run-dir", args.run_dir),
                                             ("--export", args.export), ("--epochs", args.epochs),
                                             ("--max-steps", args.max_steps),
-                                            ("--allow-emulated-bf16", args.allow_emulated_bf16))
+                                            ("--allow-emulated-bf16", args.allow_emulated_bf16),
+                                            ("--export-paused", args.export_paused))
                    if value not in (None, False)]
     if config_only:
         raise ValueError(f"{', '.join(config_only)} only apply with a config file, not with --images")
@@ -393,6 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help=DEVICE_HELP)
     t.add_argument("--allow-emulated-bf16", action="store_true",
                    help='train a "precision": "bf16" config even where bfloat16 is emulated (slower than float32)')
+    t.add_argument("--export-paused", action="store_true",
+                   help="with --resume: export the saved run's model as it stands, training nothing (the run can "
+                        "go on later)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_cmd_train)
 

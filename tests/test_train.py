@@ -151,6 +151,44 @@ def test_resume_with_more_epochs_warms_up_again(tiny_data, tmp_path):
         assert lr[step] == pytest.approx(3e-3 * min(1.0, (step - 7) / 4) * cosine), step
 
 
+def test_a_paused_run_exports_its_model_as_it_stands_and_goes_on_unchanged(tiny_data, tmp_path):
+    """--export-paused: the exported weights are the saved state's, the card says paused and how far the run got,
+    nothing is trained, and the run then ends exactly where an uninterrupted one does. Even a bf16 run exports
+    where bfloat16 would be emulated: nothing runs in it."""
+    npz, _ = tiny_data
+    cfg = _cfg(npz, precision="bf16")
+    full = train(cfg, run_dir=tmp_path / "a", export_dir=tmp_path / "ck_a", progress=False, allow_emulated_bf16=True)
+    train(cfg, run_dir=tmp_path / "b", max_steps=5, progress=False, allow_emulated_bf16=True)
+    state_path = tmp_path / "b" / "state.pt"
+    saved = state_path.read_bytes()
+    with pytest.raises(ValueError, match="needs --resume"):
+        train(cfg, run_dir=tmp_path / "b", export_dir=tmp_path / "ck_p", progress=False, export_paused=True)
+    with pytest.raises(FileNotFoundError, match="no saved run"):
+        train(cfg, run_dir=tmp_path / "none", resume=True, export_dir=tmp_path / "ck_n", progress=False,
+              export_paused=True)
+    assert not (tmp_path / "ck_n").exists() and not (tmp_path / "none" / "log.jsonl").exists()
+    paused = train(cfg, run_dir=tmp_path / "b", resume=True, export_dir=tmp_path / "ck_p", progress=False,
+                   export_paused=True)
+    assert paused["stopped_by"] == "paused" and (paused["epoch"], paused["step"]) == (0, 5)
+    assert state_path.read_bytes() == saved  # nothing trained, nothing saved
+    exported = load_file(str(tmp_path / "ck_p" / "model.safetensors"))
+    state = torch.load(state_path, weights_only=True)["model"]
+    assert exported.keys() and all(torch.equal(exported[k], state[k]) for k in exported)
+    card = json.loads((tmp_path / "ck_p" / "config.json").read_text())["training"]
+    assert card["stopped_by"] == "paused" and card["images_seen"] == 5 * 32 and card["precision"] == "bf16"
+    assert card["epochs_completed"] == pytest.approx(5 * 32 / 256, abs=1e-3)
+    assert math.isfinite(paused["test_bpd"]) and paused["test_bpd"] > full["test_bpd"]  # 5 steps, not 16
+    rest = train(cfg, run_dir=tmp_path / "b", resume=True, export_dir=tmp_path / "ck_b", progress=False,
+                 allow_emulated_bf16=True)
+    assert rest["test_bpd"] == full["test_bpd"]
+    a = load_file(str(tmp_path / "ck_a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "ck_b" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="has finished"):
+        train(cfg, run_dir=tmp_path / "b", resume=True, export_dir=tmp_path / "ck_q", progress=False,
+              export_paused=True)
+
+
 def test_resume_over_budget_says_so_instead_of_training_a_step(tiny_data, tmp_path):
     npz, _ = tiny_data
     train(_cfg(npz), run_dir=tmp_path / "r", max_steps=3, progress=False)

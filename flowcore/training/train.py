@@ -791,6 +791,7 @@ def train(
     replace: bool = False,
     on_epoch: Callable[[dict[str, Any], Callable[[np.ndarray], np.ndarray]], None] | None = None,
     allow_emulated_bf16: bool = False,
+    export_paused: bool = False,
 ) -> dict[str, Any]:
     """Train (or resume) a run; export to ``export_dir`` (default ``RUN_DIR/checkpoint``) when finished.
 
@@ -805,11 +806,18 @@ def train(
     log.jsonl (``replace`` replaces it). ``max_steps`` stops early (for tests: simulates a kill) without
     exporting. ``max_minutes`` (else the config's) is a budget of CPU minutes of this process for the whole run,
     resumes included. ``"precision": "bf16"`` is refused where the device would emulate bfloat16 (slower than
-    float32), unless ``allow_emulated_bf16``.
+    float32), unless ``allow_emulated_bf16``. ``export_paused`` (with ``resume``) trains nothing: it exports the
+    saved run's model as it stands, its card saying ``"stopped_by": "paused"`` and how far it got, and leaves the
+    state as it was, so the run can go on later (a long run's model, usable before the run ends).
     Returns a summary dict (the same on every rank when run under torchrun).
     """
+    if export_paused and not resume:
+        raise ValueError("exporting a paused run needs --resume: it exports the run saved in the run folder")
+    if export_paused and max_steps is not None:
+        raise ValueError("exporting a paused run trains no steps: leave out --max-steps")
     device = dist.init(device)
-    check_precision_runs_natively(cfg.precision, device, allow_emulated_bf16)
+    if not export_paused:  # nothing is trained, so nothing runs in bfloat16
+        check_precision_runs_natively(cfg.precision, device, allow_emulated_bf16)
     run_dir = Path(run_dir or Path("runs") / cfg.name)
     out = export_folder(run_dir, export_dir, replace)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -821,7 +829,8 @@ def train(
         if on_epoch is not None and dist.world_size() > 1:
             raise ValueError("on_epoch is for single-process runs")
         with dist.torch_threads(cfg.threads):
-            return _train(cfg, run_dir, out, resume, data_dir, max_minutes, max_steps, progress, device, on_epoch)
+            return _train(cfg, run_dir, out, resume, data_dir, max_minutes, max_steps, progress, device, on_epoch,
+                          export_paused)
     finally:
         if lock is not None:  # released here, not whenever a traceback holding this frame is dropped
             lock.close()
@@ -830,9 +839,13 @@ def train(
 def _train(cfg: TrainConfig, run_dir: Path, out: Path, resume: bool, data_dir: str | None,
            max_minutes: float | None, max_steps: int | None, progress: bool, device: str,
            on_epoch: Callable[[dict[str, Any], Callable[[np.ndarray], np.ndarray]], None] | None = None,
-           ) -> dict[str, Any]:
+           export_paused: bool = False) -> dict[str, Any]:
     """The body of :func:`train`, in a run folder this process holds."""
+    if export_paused and not (run_dir / "state.pt").is_file():  # else _start would begin a new, untrained run
+        raise FileNotFoundError(f"{run_dir} holds no saved run (state.pt) to export")
     run = _start(cfg, run_dir, resume, data_dir, device)
+    if export_paused:
+        return _export_as_it_stands(run, out)
     budget = max_minutes if max_minutes is not None else cfg.max_minutes
     check_budget(run, budget, run_dir)
     run.start_clock()
@@ -847,10 +860,22 @@ def _train(cfg: TrainConfig, run_dir: Path, out: Path, resume: bool, data_dir: s
         dist.barrier()
         return {"stopped_by": "max_steps", **run.pos}
     run.save_state()
+    return _measure_and_export(run, out, stopped_by)
+
+
+def _measure_and_export(run: _Run, out: Path, stopped_by: str) -> dict[str, Any]:
+    """Test bpd of the run's model as it is now, then its export, logged."""
     bpd = run.test_bpd()
     run.model.eval()
     set_st_precision(run.model, "fp32")
     _export(run, out, stopped_by, bpd)
     dist.barrier()
-    run.log(event="export", path=str(out), test_bpd=bpd)
+    run.log(event="export", path=str(out), test_bpd=bpd, stopped_by=stopped_by)
     return {"stopped_by": stopped_by, "test_bpd": bpd, "export": str(out), **run.pos}
+
+
+def _export_as_it_stands(run: _Run, out: Path) -> dict[str, Any]:
+    """A saved run's model exported without a step trained: its state file is left as it was."""
+    if run.global_step >= run.pos["total_steps"]:
+        raise ValueError(f"{run.state_path.parent} has finished: its model was exported when it did")
+    return _measure_and_export(run, out, "paused")
