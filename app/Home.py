@@ -16,6 +16,7 @@ from flowcore.dashboard import service, state
 from flowcore.data.datasets import set_label
 from flowcore.flows.config import describe_architecture
 from flowcore.flows.models import count_parameters
+from flowcore.zoo.checkpoints import describe_stop
 
 PAGES = {
     "Likelihood and OOD": [
@@ -62,7 +63,7 @@ def model_card(name: str) -> None:
     if training:
         lines.append(
             f"**Training**: {training.get('epochs_completed', '?')} epochs, "
-            f"{training.get('cpu_minutes', '?')} CPU min, stopped by {training.get('stopped_by', '?')}"
+            f"{training.get('cpu_minutes', '?')} CPU min, {describe_stop(training)}"
         )
     if cfg.get("background"):
         lines.append(f"**Background model**: {cfg['background']}")

@@ -23,6 +23,7 @@ from flowcore.zoo.checkpoints import (
     CheckpointError,
     best_plain_pixel_flows,
     checkpoints_dir,
+    describe_stop,
     is_continuation,
     is_plain_pixel_flow,
     list_checkpoints,
@@ -163,7 +164,7 @@ def checkpoint_section(name: str, root: Path) -> tuple[str, str]:
         f"{t.get('epochs_completed', '?')} epochs, {t.get('images_seen', '?')} {noun} seen, "
         f"{t.get('optimizer', '?')} lr {t.get('lr', '?')}, batch {t.get('batch_size', '?')}, "
         f"{_minutes(t)} on {t.get('threads', '?')} CPU thread(s), "
-        f"stopped by {t.get('stopped_by', '?')}"
+        f"{describe_stop(t)}"
     )
     if t.get("init_from"):
         p = t["init_from"]

@@ -214,6 +214,14 @@ def write_json(path: Path, obj: Any) -> None:
     _atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+def describe_stop(training: dict[str, Any]) -> str:
+    """How a card's training ended, in words: a model exported from a paused run says it is not the run's last."""
+    stopped_by = training.get("stopped_by", "?")
+    if stopped_by == "paused":
+        return "exported from a paused run as it stood (the run can go on)"
+    return f"stopped by {stopped_by}"
+
+
 def save(model: nn.Module, path: str | os.PathLike, **metadata: Any) -> Path:
     """Write ``path/model.safetensors`` and ``path/config.json`` (atomically, file by file)."""
     path = Path(path)
