@@ -186,9 +186,11 @@ def test_table1_says_which_cells_the_grown_models_moved_toward_the_paper(tmp_pat
     are named."""
     monkeypatch.setenv("FLOWCORE_CHECKPOINTS", str(tmp_path))
 
-    def fake(name, arch, bpd, aurocs, precision=None):
+    def fake(name, arch, bpd, aurocs, precision=None, parent=None):
         (tmp_path / name).mkdir()
         training = {"precision": precision} if precision else {}  # older cards carry no precision: float32
+        if parent:
+            training["init_from"] = {"checkpoint": parent}
         cfg = {"name": name, "dataset": "fashion_mnist", "model": {"arch": arch, "image_shape": [1, 28, 28]},
                "training": training, "reference": {"bpd_mean": bpd, "auroc": {"likelihood": aurocs}}}
         (tmp_path / name / "config.json").write_text(json.dumps(cfg))
@@ -212,6 +214,12 @@ def test_table1_says_which_cells_the_grown_models_moved_toward_the_paper(tmp_pat
     fake("fashion_glow_large", "glow", 2.9, {"mnist": 0.070, "notmnist": 0.800}, precision="bf16")
     rows, _ = results.table1_progress({p.name for p in tmp_path.iterdir()})
     assert rows[2].endswith("within 1 point |") and rows[3].endswith("within 1 point |")
+    # a float32 continuation of the bfloat16 model says both, its ancestor's first
+    fake("fashion_glow_large_anneal", "glow", 2.8, {"mnist": 0.08, "notmnist": 0.7}, precision="fp32",
+         parent="fashion_glow_large")
+    rows, _ = results.table1_progress({p.name for p in tmp_path.iterdir()})
+    assert "(`fashion_glow_large_anneal`, 2.800, bf16, then fp32)" in rows[2], rows[2]
+    assert results.describe_precision("fashion_glow_long") == "fp32"
 
 
 def test_the_report_says_where_a_better_feature_density_is_not_a_better_score(tmp_path, monkeypatch):

@@ -151,6 +151,24 @@ def _minutes(t: dict) -> str:
     return f"{t.get('cpu_minutes', '?')} min (wall clock, shared machine)"
 
 
+def describe_precision(name: str) -> str:
+    """The precision the st-nets of a model and of each model it continues trained in, first ancestor first:
+    "fp32", "bf16", or "bf16, then fp32" for a float32 continuation of a bfloat16 run. Cards from before the
+    precision field are float32; a parent no longer in the zoo ends the walk."""
+    chain: list[str] = []
+    seen: set[str] = set()
+    while name and name not in seen:  # a card naming itself (or a cycle) ends the walk instead of looping
+        seen.add(name)
+        try:
+            t = read_config(name).get("training") or {}
+        except CheckpointError:
+            break
+        chain.append(t.get("precision", "fp32"))
+        name = (t.get("init_from") or {}).get("checkpoint")
+    chain.reverse()
+    return ", then ".join(p for i, p in enumerate(chain) if i == 0 or p != chain[i - 1])
+
+
 def checkpoint_section(name: str, root: Path) -> tuple[str, str]:
     """(section of docs/results.md, model card) for one checkpoint."""
     cfg = read_config(name)
@@ -163,7 +181,7 @@ def checkpoint_section(name: str, root: Path) -> tuple[str, str]:
         f"- Training: {t.get('dataset', cfg.get('dataset'))} ({t.get('train_images', '?')} {noun}), "
         f"{t.get('epochs_completed', '?')} epochs, {t.get('images_seen', '?')} {noun} seen, "
         f"{t.get('optimizer', '?')} lr {t.get('lr', '?')}, batch {t.get('batch_size', '?')}, "
-        f"{_minutes(t)} on {t.get('threads', '?')} CPU thread(s), "
+        f"{_minutes(t)} on {t.get('threads', '?')} CPU thread(s), st-nets in {describe_precision(name)}, "
         f"{describe_stop(t)}"
     )
     if t.get("init_from"):
@@ -424,9 +442,8 @@ def table1_progress(shipped: set[str]) -> tuple[list[str], list[str]]:
             continue
 
         def cell(name: str, auroc: float) -> str:
-            t = configs[name].get("training") or {}
             return (f"{100 * auroc:.1f} (`{name}`, {configs[name]['reference']['bpd_mean']:.3f}, "
-                    f"{t.get('precision', 'fp32')})")
+                    f"{describe_precision(name)})")
 
         for ood, paper in cells.items():
             old, new = _likelihood_auroc(first, ood, shipped), _likelihood_auroc(now, ood, shipped)
