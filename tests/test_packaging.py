@@ -163,8 +163,13 @@ def test_the_repository_tracks_no_optimizer_state_and_every_shipped_run_log():
     tracked = subprocess.run(["git", "ls-files", "runs", "checkpoints"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.split()
     shipped = {f.split("/")[1] for f in tracked if f.startswith("checkpoints/") and f.endswith("config.json")}
-    # a run still in progress (no shipped model yet) keeps its state, so a later session can resume it
-    finished = [f for f in tracked if f.endswith(".pt") and (f.split("/")[1] in shipped or f.startswith("checkpoints"))]
+    # a run still in progress keeps its state, so a later session can resume it: one with no shipped model yet, or
+    # one whose shipped model was exported from it while paused (its card says so)
+    paused = {name for name in shipped
+              if json.loads((ROOT / "checkpoints" / name / "config.json").read_text()).get("training", {})
+              .get("stopped_by") == "paused"}
+    finished = [f for f in tracked if f.endswith(".pt")
+                and (f.split("/")[1] in shipped - paused or f.startswith("checkpoints"))]
     assert not finished, finished
     logs = {f.split("/")[1] for f in tracked if f.startswith("runs/") and f.endswith("log.jsonl")}
     local = {p.parent.name for p in (ROOT / "runs").glob("*/log.jsonl")}
